@@ -246,6 +246,8 @@ class PrepareConfig:
     """Rows per output shard."""
     formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"])
     """Output formats written side by side."""
+    num_partitions: int = 0
+    """Ray Data shuffle partitions of the per-user group-by; 0 = one per 250k interactions (at least 2)."""
 
 
 @dataclass
@@ -265,7 +267,7 @@ class EncodeConfig:
     which: str = "base"
     """``base`` (LLM before alignment, hidden-size vectors) or ``aligned`` (base + aligned LoRA + text MLP)."""
     adapter_dir: str = ""
-    """Aligned checkpoint folder for ``aligned``; empty = the latest under ``run_dir/align``."""
+    """Aligned ``final`` folder (holds ``adapter/`` and ``sr.safetensors``) for ``aligned``; empty = ``run_dir/align/final``."""
     batch_size: int = 64
     """Texts per inference batch."""
     num_actors: int = 1
@@ -320,6 +322,8 @@ class ComDivConfig:
     """Probability a sample's comment history is diversified."""
     comment_record_p: float = 0.3
     """Within such a sample, probability each comment record is mixed with virtual comments."""
+    record_comments: int = 3
+    """User comments kept per comment record in the alignment prompt/SR input (public code samples 3); 0 = all K."""
 
 
 @dataclass

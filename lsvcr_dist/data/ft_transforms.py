@@ -1,0 +1,155 @@
+"""FinetuneTransform: prepared INSTANCE rows -> fixed-shape ``schema.FINETUNE_BATCH`` arrays (Section 3.4).
+
+Used as ``ds.map_batches(FinetuneTransform, fn_constructor_kwargs=..., batch_format="pyarrow")`` by the fine-tune
+and evaluation jobs, and called directly (on a pyarrow table or a dict of ndarrays) by tests and the evaluator.
+
+What it does per row, as the public code's ``finetune_data.py``:
+  * the popular comment shown with each video-history record: uniformly one of the video's top-3 popular comments in
+    training, the top-1 in evaluation; a video without comments gets comment id 0 (the zero text vector);
+  * comment-history records keep all of the user's comments on that video (already capped at K by preparation);
+  * histories are cut to the most recent ``hist_len`` records (oldest first, right-padded) when shorter than L.
+
+Randomness is reproducible per row and independent of batch composition: a generator seeded from
+``(seed, epoch, user_id, timestamp, task)``. No Ray import (boundary rule).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lsvcr_dist import schema
+from lsvcr_dist.data.manifest import dims_of, read_manifest
+
+OUT_KEYS = tuple(schema.FINETUNE_BATCH)
+
+
+def load_popular_comments(data_dir: str | Path, num_videos: int) -> np.ndarray:
+    """Popular comments of every video from ``data/tables/videos.parquet``.
+
+    Args:
+        data_dir: prepared data folder (``run_dir/data``).
+        num_videos: V from the manifest.
+
+    Returns:
+        ``[V + 1, P]`` int64, row v = comment ids of video v by popularity (0-padded); row 0 is all zeros.
+
+    Raises:
+        FileNotFoundError / schema.SchemaError: naming the table file.
+    """
+    path = Path(data_dir) / "tables" / "videos.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: video table missing (run prepare_data first)")
+    table = pq.read_table(path, columns=["video_id", "popular_comments"])
+    ids = table.column("video_id").to_numpy()
+    if ids.size and (ids.min() < 1 or ids.max() > num_videos):
+        raise schema.SchemaError(f"{path}: column 'video_id' has ids outside 1..{num_videos}")
+    col = table.column("popular_comments")
+    width = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
+    if width is None:
+        raise schema.SchemaError(f"{path}: column 'popular_comments' is {col.type}, expected a fixed_size_list")
+    pop = schema.fixed_list_to_numpy(col, (width,))
+    out = np.zeros((num_videos + 1, width), dtype=np.int64)
+    out[ids] = pop
+    return out
+
+
+def read_dims(data_dir: str | Path) -> dict:
+    """The manifest's ``dims`` plus ``num_videos``/``num_comments``."""
+    man = read_manifest(data_dir)
+    return {**dims_of(man), "num_videos": int(man["num_videos"]), "num_comments": int(man["num_comments"])}
+
+
+def keep_recent(hist: np.ndarray, lengths: np.ndarray, keep: int) -> np.ndarray:
+    """Keep the most recent ``keep`` records of right-padded, oldest-first histories.
+
+    Args:
+        hist: ``[B, L, ...]`` histories, the first ``lengths[b]`` entries real.
+        lengths: ``[B]`` real lengths.
+        keep: new length (``<= L``).
+
+    Returns:
+        ``[B, keep, ...]``, still oldest first and right-padded.
+    """
+    b, length = hist.shape[:2]
+    if keep >= length:
+        return hist
+    start = np.clip(lengths - keep, 0, None)  # [B]
+    idx = start[:, None] + np.arange(keep)[None, :]  # [B, keep]
+    idx = np.minimum(idx, length - 1)
+    out = np.take_along_axis(hist, idx.reshape(b, keep, *([1] * (hist.ndim - 2))), axis=1)
+    real = np.arange(keep)[None, :] < np.minimum(lengths, keep)[:, None]
+    return np.where(real.reshape(b, keep, *([1] * (hist.ndim - 2))), out, 0)
+
+
+class FinetuneTransform:
+    """Callable class for ``map_batches``: INSTANCE rows -> FINETUNE_BATCH ndarrays.
+
+    Args:
+        data_dir: prepared data folder (manifest and tables are read once per actor).
+        train: True = random top-3 popular comment per record; False = top-1 (evaluation).
+        seed: base seed.
+        epoch: epoch number (a new draw every epoch).
+        hist_len: history length LH kept (<= the prepared L); 0 = L.
+        popular_top: how many of the most popular comments the training draw picks from (public code: 3).
+    """
+
+    def __init__(self, data_dir: str, train: bool = True, seed: int = 0, epoch: int = 0, hist_len: int = 0,
+                 popular_top: int = 3):
+        self.dims = read_dims(data_dir)
+        self.popular = load_popular_comments(data_dir, self.dims["num_videos"])
+        self.train, self.seed, self.epoch = bool(train), int(seed), int(epoch)
+        self.hist_len = int(hist_len) or int(self.dims["L"])
+        if self.hist_len > int(self.dims["L"]):
+            raise ValueError(f"hist_len={self.hist_len} exceeds the prepared history length L={self.dims['L']}")
+        self.popular_top = int(popular_top)
+
+    def _popular_choice(self, video_hist: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """``[B, LH]`` comment id shown with each video record (0 = none / padding)."""
+        pop = self.popular[video_hist]  # [B, LH, P]
+        if not self.train:
+            return np.where(video_hist > 0, pop[..., 0], 0)
+        n_avail = np.minimum((pop[..., : self.popular_top] > 0).sum(-1), self.popular_top)  # [B, LH]
+        u = np.empty(video_hist.shape, dtype=np.float64)
+        for i, key in enumerate(keys):  # per-row generator: independent of batch composition
+            u[i] = np.random.default_rng([self.seed, self.epoch, *map(int, key)]).random(video_hist.shape[1])
+        pick = np.floor(u * np.maximum(n_avail, 1)).astype(np.int64)  # [B, LH]
+        chosen = np.take_along_axis(pop, pick[..., None], axis=-1)[..., 0]
+        return np.where((video_hist > 0) & (n_avail > 0), chosen, 0)
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        """Transform one batch (pyarrow Table or dict of ndarrays with INSTANCE columns).
+
+        Returns:
+            dict of int64 ndarrays with every ``schema.FINETUNE_BATCH`` key (histories ``[B, LH]``,
+            ``comment_hist_comments [B, LH, K]``, candidates ``[B, NV]``/``[B, NC]``/``[B, NT]``).
+        """
+        if isinstance(batch, pa.Table):
+            missing = [c for c in schema.INSTANCE if c not in batch.column_names]
+            if missing:
+                raise schema.SchemaError(f"finetune transform input: missing columns {missing}")
+            batch = schema.table_to_numpy(batch, schema.INSTANCE, self.dims)
+        else:
+            missing = [c for c in schema.INSTANCE if c not in batch]
+            if missing:
+                raise schema.SchemaError(f"finetune transform input: missing columns {missing}")
+            batch = {k: np.asarray(v) for k, v in batch.items()}
+        lh = self.hist_len
+        vh = keep_recent(batch["video_hist"].astype(np.int64), batch["video_hist_len"], lh)
+        ch = keep_recent(batch["comment_hist_video"].astype(np.int64), batch["comment_hist_len"], lh)
+        cc = keep_recent(batch["comment_hist_comments"].astype(np.int64), batch["comment_hist_len"], lh)
+        keys = np.stack([batch["user_id"], batch["timestamp"], batch["task"]], 1)
+        out = {
+            "task": batch["task"],
+            "video_hist": vh,
+            "video_hist_comment": self._popular_choice(vh, keys),
+            "comment_hist_video": ch,
+            "comment_hist_comments": cc,
+        }
+        for k in OUT_KEYS:
+            if k not in out:
+                out[k] = batch[k]
+        return {k: np.array(out[k], dtype=np.int64) for k in OUT_KEYS}  # a writable copy (torch.from_numpy)

@@ -1,0 +1,314 @@
+"""Data preparation on Ray Data: raw logs -> lookup tables, split instances with candidates, sharded outputs.
+
+Steps (``prepare(cfg)``):
+
+1. On the driver: ``raw.validate_raw`` checks every raw part file (schema, ids, order); a truncated part fails
+   here naming the file, before any Ray task starts.
+2. Lookup tables: comments sorted by id (``data/tables/comments.parquet`` + an Arrow IPC copy for memory mapping);
+   per-video top-P popular comments via ``groupby("video_id").map_groups`` (``data/tables/videos.parquet``).
+3. Instances: both interaction tables are read with ``ray.data.read_parquet``, normalised to one event stream,
+   grouped by user (``groupby("user_id").map_groups(instances.build_user_instances)``). The time split is by
+   calendar day (UTC) of the target: the last ``test_days`` days are test, the ``val_days`` before validation.
+4. Each split is sorted by ``(user_id, _seq)`` (same bytes for any block layout) and streamed to Parquet and
+   WebDataset shards of ``shard_rows`` rows; the manifest records counts, dims, shards and filtered reasons.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import ray
+
+from lsvcr_dist.config import PrepareConfig
+from lsvcr_dist.data import raw as raw_mod
+from lsvcr_dist.data.instances import EVENT_SCHEMA, FILTERED, SECONDS_PER_DAY, SPLIT_NAMES, PrepContext, \
+    build_user_instances
+from lsvcr_dist.data.manifest import write_manifest
+from lsvcr_dist.data.shards import write_parquet_shard, write_wds_shard
+from lsvcr_dist.schema import COMMENT_TABLE, INSTANCE, SCHEMA_VERSION, TASK_COMMENT, TASK_VIDEO, VIDEO_TABLE, \
+    to_arrow_schema
+
+TASK_NAMES = {TASK_VIDEO: "video", TASK_COMMENT: "comment"}
+
+
+def dims_from_config(cfg: PrepareConfig) -> dict[str, int]:
+    """The manifest ``dims`` implied by a PrepareConfig."""
+    return {"L": cfg.finetune_hist_len, "LA": cfg.align_hist_len, "K": cfg.max_comments_per_record,
+            "P": cfg.popular_comments, "NV": cfg.num_video_candidates, "NC": cfg.num_comment_candidates,
+            "NT": cfg.train_comment_negatives + 1}
+
+
+def _check_config(cfg: PrepareConfig) -> None:
+    if cfg.comment_pad not in ("negatives", "mask"):
+        raise ValueError(f"prepare.comment_pad must be 'negatives' or 'mask', got {cfg.comment_pad!r}")
+    bad = [f for f in cfg.formats if f not in ("parquet", "webdataset")]
+    if bad or not cfg.formats:
+        raise ValueError(f"prepare.formats must be a non-empty subset of [parquet, webdataset], got {cfg.formats}")
+    if cfg.align_hist_len > cfg.finetune_hist_len:
+        raise ValueError("prepare.align_hist_len must be <= finetune_hist_len (alignment reads a suffix)")
+    if min(cfg.shard_rows, cfg.max_comments_per_record, cfg.test_days, cfg.num_video_candidates) < 1 or \
+            cfg.val_days < 0:
+        raise ValueError("prepare: shard_rows, max_comments_per_record, test_days, candidates must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------- tables
+def _ids_in_order(paths: list[Path]) -> bool:
+    """True if the comment ids of the part files, read in order, are 1, 2, 3, ... (reads only that column)."""
+    expect = 1
+    for f in paths:
+        ids = pq.read_table(f, columns=["comment_id"]).column(0).to_numpy()
+        if len(ids) and not np.array_equal(ids, np.arange(expect, expect + len(ids))):
+            return False
+        expect += len(ids)
+    return True
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    """Parquet (the contract) plus an uncompressed Arrow IPC twin that ``TextTables`` memory-maps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    feather.write_feather(table, path.with_suffix(".arrow"), compression="uncompressed")
+
+
+def _top_popular(group: pa.Table, p: int) -> pa.Table:
+    """map_groups UDF: one row ``(video_id, popular[P])`` with the top-P comments by popularity (ties: lower id)."""
+    pop = group.column("popularity").to_numpy()
+    cid = group.column("comment_id").to_numpy()
+    top = cid[np.lexsort((cid, -pop))][:p]
+    row = np.zeros(p, np.int64)
+    row[:len(top)] = top
+    return pa.table({"video_id": pa.array([group.column("video_id")[0].as_py()], pa.int64()),
+                     "popular": pa.array([row.tolist()], pa.list_(pa.int64(), p))})
+
+
+def build_tables(files: dict[str, list[Path]], tables_dir: Path, num_videos: int, num_comments: int,
+                 p: int, parts: int = 2) -> tuple[np.ndarray, dict[str, str]]:
+    """Write ``videos``/``comments`` lookup tables; returns (comment_video [C+1], relative table paths)."""
+    comment_video = np.zeros(num_comments + 1, np.int64)
+    target = to_arrow_schema(COMMENT_TABLE)
+    # Raw parts written by generate/importers are already in id order: stream them (O(batch) memory). Otherwise
+    # let Ray Data sort them.
+    batches = (b for _, _, b in raw_mod.iter_raw_batches(files["comments"][0].parent.parent, "comments"))
+    if not _ids_in_order(files["comments"]):
+        ds = ray.data.read_parquet([str(f) for f in files["comments"]]).sort("comment_id")
+        batches = ds.iter_batches(batch_size=65_536, batch_format="pyarrow")
+    path = tables_dir / "comments.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    expect = 1
+    with pq.ParquetWriter(path, target) as pw, pa.ipc.new_file(str(path.with_suffix(".arrow")), target) as iw:
+        for batch in batches:
+            batch = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+            batch = batch.select(target.names).cast(target)
+            ids = batch.column("comment_id").to_numpy()
+            if len(ids) and not np.array_equal(ids, np.arange(expect, expect + len(ids))):
+                raise ValueError(f"{files['comments'][0].parent}: comment ids are not dense 1..{num_comments}")
+            comment_video[ids] = batch.column("video_id").to_numpy()
+            expect += len(ids)
+            pw.write_table(batch)
+            iw.write_table(batch)
+    comments_ds = ray.data.read_parquet([str(f) for f in files["comments"]])
+
+    popular = np.zeros((num_videos + 1, p), np.int64)
+    if num_comments:
+        pop_ds = comments_ds.select_columns(["video_id", "comment_id", "popularity"]).groupby("video_id", num_partitions=parts) \
+            .map_groups(_top_popular, fn_kwargs={"p": p}, batch_format="pyarrow")
+        for batch in pop_ds.iter_batches(batch_size=65_536, batch_format="pyarrow"):
+            popular[batch.column("video_id").to_numpy()] = np.asarray(batch.column("popular").to_pylist(), np.int64) \
+                .reshape(-1, p)
+    videos = pa.concat_tables([pq.read_table(f, columns=["video_id", "title"]) for f in files["videos"]])
+    videos = videos.sort_by("video_id")
+    vids = videos.column("video_id").to_numpy()
+    counts = np.bincount(comment_video[1:], minlength=num_videos + 1)
+    from lsvcr_dist.schema import numpy_to_fixed_list
+    vt = pa.table({"video_id": pa.array(vids, pa.int64()), "title": videos.column("title").cast(pa.string()),
+                   "popular_comments": numpy_to_fixed_list(popular[vids]),
+                   "num_comments": pa.array(counts[vids], pa.int64())}, schema=to_arrow_schema(VIDEO_TABLE, {"P": p}))
+    _write_table(vt, tables_dir / "videos.parquet")
+    return comment_video, {"videos": "tables/videos.parquet", "comments": "tables/comments.parquet",
+                           "videos_arrow": "tables/videos.arrow", "comments_arrow": "tables/comments.arrow"}
+
+
+# --------------------------------------------------------------------------------------------------- events
+def _video_events(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({"user_id": batch["user_id"], "video_id": batch["video_id"], "timestamp": batch["timestamp"],
+                     "is_comment": pa.array(np.zeros(n, np.int64)),
+                     "comment_ids": pa.array([[]] * n, pa.list_(pa.int64()))}, schema=EVENT_SCHEMA)
+
+
+def _comment_events(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({"user_id": batch["user_id"], "video_id": batch["video_id"], "timestamp": batch["timestamp"],
+                     "is_comment": pa.array(np.ones(n, np.int64)),
+                     "comment_ids": batch["comment_ids"].cast(pa.list_(pa.int64()))}, schema=EVENT_SCHEMA)
+
+
+def _count_rows(batch: pa.Table) -> pa.Table:
+    """map_batches UDF: (split, task, reason) -> rows, so the driver sums counts without pulling rows."""
+    g = batch.select(["split", "task", "_reason"]).group_by(["split", "task", "_reason"]).aggregate([([], "count_all")])
+    return g
+
+
+def _event_stats(batch: pa.Table, val_start_ts: int, k: int) -> pa.Table:
+    """map_batches UDF: videos seen before validation starts, and comment records longer than K, of one batch."""
+    train = pc.unique(batch.filter(pc.less(batch["timestamp"], val_start_ts))["video_id"])
+    over = pc.sum(pc.greater(pc.list_value_length(batch["comment_ids"]), k)).as_py() or 0
+    return pa.table({"train_videos": pa.array([train.to_pylist()], pa.list_(pa.int64())),
+                     "truncated": pa.array([int(over)], pa.int64())})
+
+
+def _with_split_code(batch: pa.Table) -> pa.Table:
+    """map_batches UDF: drop filtered rows, replace ``split``/``_reason`` by an integer ``_split`` sort key."""
+    batch = batch.filter(pc.not_equal(batch["split"], FILTERED))
+    code = np.zeros(batch.num_rows, np.int64)
+    split = batch["split"].to_numpy(zero_copy_only=False)
+    for i, name in enumerate(SPLIT_NAMES):
+        code[split == name] = i
+    return batch.drop_columns(["split", "_reason"]).append_column("_split", pa.array(code, pa.int64()))
+
+
+class _ShardWriter:
+    """Cuts the (split, user, seq)-ordered stream into shards of ``shard_rows`` rows per split, in both formats."""
+
+    def __init__(self, data_dir: Path, formats: list[str], shard_rows: int, dims: dict[str, int]):
+        self.data_dir, self.formats, self.shard_rows, self.dims = data_dir, formats, shard_rows, dims
+        self.shards = {fmt: {s: [] for s in SPLIT_NAMES} for fmt in formats}
+        self.counts: dict[str, list[int]] = {s: [] for s in SPLIT_NAMES}
+        self.pending: dict[int, list[pa.Table]] = {i: [] for i in range(len(SPLIT_NAMES))}
+        self.schema = to_arrow_schema(INSTANCE, dims)
+
+    def add(self, batch: pa.Table) -> None:
+        """Route rows to their split's buffer; write every full shard."""
+        code = batch["_split"].to_numpy()
+        for i in np.unique(code).tolist():
+            rows = batch.filter(pa.array(code == i)).drop_columns(["_split", "_seq"]).cast(self.schema)
+            self.pending[i].append(rows)
+            buf = pa.concat_tables(self.pending[i])
+            while buf.num_rows >= self.shard_rows:
+                self._write(i, buf.slice(0, self.shard_rows))
+                buf = buf.slice(self.shard_rows)
+            self.pending[i] = [buf] if buf.num_rows else []
+
+    def close(self) -> None:
+        """Write the last, shorter shard of each split."""
+        for i, bufs in self.pending.items():
+            if bufs:
+                self._write(i, pa.concat_tables(bufs))
+            self.pending[i] = []
+
+    def _write(self, i: int, table: pa.Table) -> None:
+        split = SPLIT_NAMES[i]
+        n = len(self.counts[split])
+        table = table.combine_chunks()
+        if "parquet" in self.formats:
+            rel = f"parquet/{split}/part-{n:05d}.parquet"
+            write_parquet_shard(self.data_dir / rel, table, self.dims)
+            self.shards["parquet"][split].append(rel)
+        if "webdataset" in self.formats:
+            rel = f"wds/{split}/shard-{n:05d}.tar"
+            write_wds_shard(self.data_dir / rel, table, self.dims)
+            self.shards["webdataset"][split].append(rel)
+        self.counts[split].append(table.num_rows)
+
+
+def _csr(comment_video: np.ndarray, num_videos: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.arange(1, len(comment_video), dtype=np.int64)
+    order = np.argsort(comment_video[1:], kind="stable")
+    offsets = np.zeros(num_videos + 2, np.int64)
+    offsets[1:] = np.cumsum(np.bincount(comment_video[1:], minlength=num_videos + 1))
+    return offsets, ids[order]
+
+
+# --------------------------------------------------------------------------------------------------- main
+def prepare(cfg: PrepareConfig, log=print) -> dict:
+    """Run the whole preparation (needs an initialised Ray); returns the manifest written.
+
+    Raises:
+        raw.RawDataError: a raw file is corrupt/truncated or malformed (names file, row, column).
+        ValueError: an invalid config value or too few videos/comments for the candidate counts.
+    """
+    _check_config(cfg)
+    t0 = time.time()
+    run_dir = Path(cfg.run_dir)
+    raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else run_dir / "raw"
+    data_dir = run_dir / "data"
+    stats = raw_mod.validate_raw(raw_dir)  # driver-side, file by file: bad input fails before any task starts
+    files = raw_mod.raw_dir_paths(raw_dir)
+    nv, ncm = stats["num_videos"], stats["num_comments"]
+    dims = dims_from_config(cfg)
+    if nv < dims["NV"]:
+        raise ValueError(f"prepare.num_video_candidates={dims['NV']} exceeds the {nv} videos in {raw_dir}")
+    log(f"[prepare] raw validated in {time.time() - t0:.1f}s: {stats}")
+    if data_dir.exists():
+        for sub in ("parquet", "wds", "tables", "manifest.json"):
+            p = data_dir / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    n_events = stats["num_video_inter"] + stats["num_comment_inter"]
+    parts = cfg.num_partitions or max(2, min(256, -(-n_events // 250_000)))
+    comment_video, table_paths = build_tables(files, data_dir / "tables", nv, ncm, dims["P"], parts)
+    log(f"[prepare] tables written in {time.time() - t0:.1f}s")
+
+    vi = ray.data.read_parquet([str(f) for f in files["video_inter"]]).map_batches(_video_events,
+                                                                                  batch_format="pyarrow")
+    ci = ray.data.read_parquet([str(f) for f in files["comment_inter"]]).map_batches(_comment_events,
+                                                                                    batch_format="pyarrow")
+    events = vi.union(ci)
+    last_day = stats["max_timestamp"] // SECONDS_PER_DAY
+    test_start = last_day - cfg.test_days + 1
+    val_start = test_start - cfg.val_days
+    train_videos = np.zeros(nv + 1, bool)
+    truncated = 0
+    for row in events.map_batches(_event_stats, fn_kwargs={"val_start_ts": val_start * SECONDS_PER_DAY,
+                                                           "k": cfg.max_comments_per_record},
+                                  batch_format="pyarrow").iter_rows():
+        train_videos[np.asarray(row["train_videos"], np.int64)] = True
+        truncated += row["truncated"]
+    offsets, by_video = _csr(comment_video, nv)
+    ctx = PrepContext(num_videos=nv, num_comments=ncm, comment_video=comment_video, video_offsets=offsets,
+                      video_comments=by_video, train_videos=train_videos, val_start_day=int(val_start),
+                      test_start_day=int(test_start), dims=dims, seed=cfg.seed, comment_pad=cfg.comment_pad)
+    inst = events.groupby("user_id", num_partitions=parts).map_groups(
+        build_user_instances, fn_kwargs={"ctx": ctx}, batch_format="pyarrow").materialize()
+    log(f"[prepare] instances built in {time.time() - t0:.1f}s")
+
+    splits = {s: {"video": 0, "comment": 0} for s in SPLIT_NAMES}
+    filtered = {"truncated_comments": truncated, "empty_history_video": 0, "empty_history_comment": 0}
+    for row in inst.map_batches(_count_rows, batch_format="pyarrow").take_all():
+        if row["split"] == FILTERED:
+            filtered[row["_reason"]] = filtered.get(row["_reason"], 0) + row["count_all"]
+        else:
+            splits[row["split"]][TASK_NAMES[row["task"]]] += row["count_all"]
+
+    # One global sort by (split, user, chronological index): shard bytes do not depend on the block layout.
+    ordered = inst.map_batches(_with_split_code, batch_format="pyarrow").sort(["_split", "user_id", "_seq"])
+    writer = _ShardWriter(data_dir, cfg.formats, cfg.shard_rows, dims)
+    for batch in ordered.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
+        writer.add(batch)
+    writer.close()
+    for split in SPLIT_NAMES:  # the sort/filter must neither drop nor duplicate rows
+        written = sum(writer.counts[split])
+        if written != sum(splits[split].values()):
+            raise RuntimeError(f"split {split}: wrote {written} rows, counted {sum(splits[split].values())}")
+    shards, shard_counts = writer.shards, writer.counts
+    log(f"[prepare] shards written in {time.time() - t0:.1f}s: {splits}")
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "num_users": int(stats["max_user_id"]), "num_videos": int(nv),
+        "num_comments": int(ncm), "dims": dims, "splits": splits, "shards": shards, "shard_rows": shard_counts,
+        "tables": table_paths, "filtered": filtered, "seed": cfg.seed, "raw_dir": str(raw_dir),
+        "split_days": {"val_start_day": int(val_start), "test_start_day": int(test_start), "last_day": int(last_day)},
+        "comment_pad": cfg.comment_pad, "raw_stats": stats,
+        "wds_encoding": "one <key>.inst.npy per sample: a (1,) structured int64 record, fields = INSTANCE columns",
+    }
+    write_manifest(data_dir, manifest)
+    log(f"[prepare] done in {time.time() - t0:.1f}s -> {data_dir}")
+    return manifest

@@ -1,0 +1,215 @@
+"""EmbeddingStore: text vectors of every title and comment, sharded fp16 ``.npy`` files, memory-mapped.
+
+Layout of ``run_dir/embeddings/<which>/``::
+
+    manifest.json        model id/kind, adapter (or null), pooling, dim, count, num_videos, num_comments,
+                         projected, dtype, shard_rows, shards [{file, start, rows}]
+    shard-00000.npy      rows [0, shard_rows) in text-id order; row 0 (text id 0, padding) is zeros
+    shard-00001.npy      ...
+
+Row ``i`` is text id ``i``: the title of video ``v`` is row ``v``, comment ``c`` is row ``num_videos + c``.
+``EmbeddingWriter`` accepts rows in any order (Ray Data batch inference does not keep order), writes them into
+pre-sized memory-mapped shards, refuses a second write of an id and NaN/inf vectors (naming the text id), and at
+``close()`` checks that every id 1..count was written exactly once before it writes the manifest.
+
+Disk: ``(1 + count) * dim * 2`` bytes (fp16).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "lsvcr-embeddings/1"
+
+
+class EmbeddingError(ValueError):
+    """A store is incomplete, inconsistent with its manifest, or was given a bad vector (names file / text id)."""
+
+
+def shard_name(i: int) -> str:
+    """File name of shard ``i``."""
+    return f"shard-{i:05d}.npy"
+
+
+class EmbeddingWriter:
+    """Incremental, order-free writer of a store.
+
+    Args:
+        path: store folder (created; an existing manifest there is replaced only at ``close``).
+        dim: vector width.
+        num_videos: V.
+        num_comments: C (``count = V + C`` texts, rows ``0..count``).
+        shard_rows: rows per shard file.
+        meta: manifest fields (model, kind, adapter, pooling, projected, which, ...).
+    """
+
+    def __init__(self, path: str | Path, dim: int, num_videos: int, num_comments: int, shard_rows: int = 100_000,
+                 meta: dict | None = None) -> None:
+        if dim <= 0 or shard_rows <= 0:
+            raise ValueError(f"dim={dim} and shard_rows={shard_rows} must be positive")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        stale = self.path / MANIFEST
+        if stale.exists():
+            stale.unlink()  # a half-rewritten store must not look complete
+        self.dim, self.num_videos, self.num_comments = int(dim), int(num_videos), int(num_comments)
+        self.count = self.num_videos + self.num_comments
+        self.shard_rows = int(shard_rows)
+        self.meta = dict(meta or {})
+        rows = self.count + 1
+        self.shards = []
+        for s, start in enumerate(range(0, rows, self.shard_rows)):
+            n = min(self.shard_rows, rows - start)
+            arr = np.lib.format.open_memmap(self.path / shard_name(s), mode="w+", dtype=np.float16, shape=(n, dim))
+            arr[:] = 0
+            self.shards.append(arr)
+        self.written = np.zeros(rows, dtype=bool)
+        self.written[0] = True  # row 0 is the padding row, zeros by construction
+
+    def write(self, text_ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Store ``vectors[i]`` at row ``text_ids[i]``.
+
+        Args:
+            text_ids: ``[N]`` ids in 1..count.
+            vectors: ``[N, dim]`` float.
+
+        Raises:
+            EmbeddingError: wrong shape, id out of range or written twice, NaN/inf before or after the fp16 cast.
+        """
+        ids = np.asarray(text_ids, dtype=np.int64).reshape(-1)
+        vec = np.asarray(vectors)
+        if vec.shape != (len(ids), self.dim):
+            raise EmbeddingError(f"{self.path}: vectors of shape {vec.shape} for {len(ids)} ids of dim {self.dim}")
+        bad = (ids < 1) | (ids > self.count)
+        if bad.any():
+            raise EmbeddingError(f"{self.path}: text id {int(ids[bad][0])} outside 1..{self.count}")
+        if len(np.unique(ids)) != len(ids) or self.written[ids].any():
+            dup = ids[self.written[ids]] if self.written[ids].any() else ids[np.unique(ids, return_counts=True)[1] > 1]
+            raise EmbeddingError(f"{self.path}: text id {int(dup[0])} written twice")
+        half = vec.astype(np.float16)
+        for name, arr in (("input", vec), ("fp16 cast", half)):
+            finite = np.isfinite(arr).all(axis=1)
+            if not finite.all():
+                raise EmbeddingError(f"{self.path}: non-finite vector ({name}) for text id {int(ids[~finite][0])}")
+        for s in np.unique(ids // self.shard_rows):
+            sel = ids // self.shard_rows == s
+            self.shards[s][ids[sel] - s * self.shard_rows] = half[sel]
+        self.written[ids] = True
+
+    def close(self) -> dict:
+        """Flush shards, check completeness, write ``manifest.json``.
+
+        Returns:
+            The manifest dict.
+
+        Raises:
+            EmbeddingError: some text ids were never written (the first few are named).
+        """
+        missing = np.flatnonzero(~self.written)
+        if len(missing):
+            raise EmbeddingError(f"{self.path}: {len(missing)} text ids never written, e.g. {missing[:5].tolist()}")
+        shards = []
+        for s, arr in enumerate(self.shards):
+            arr.flush()
+            shards.append({"file": shard_name(s), "start": s * self.shard_rows, "rows": int(arr.shape[0])})
+        manifest = {
+            "format": FORMAT, "model": None, "kind": None, "adapter": None, "pooling": "mean", "projected": False,
+            **self.meta,
+            "dim": self.dim, "count": self.count, "num_videos": self.num_videos, "num_comments": self.num_comments,
+            "dtype": "float16", "shard_rows": self.shard_rows, "shards": shards,
+        }
+        tmp = self.path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(self.path / MANIFEST)  # atomic: a store with a manifest is complete
+        self.shards = []
+        return manifest
+
+
+class EmbeddingStore:
+    """Read side: memory-mapped shards; use ``EmbeddingStore.open(path)``.
+
+    Attributes:
+        manifest: the parsed ``manifest.json``.
+        dim: vector width.
+        count: number of texts (V + C); rows are ``0..count``.
+    """
+
+    def __init__(self, path: Path, manifest: dict, shards: list[np.ndarray]) -> None:
+        self.path, self.manifest, self.shards = path, manifest, shards
+        self.dim = int(manifest["dim"])
+        self.count = int(manifest["count"])
+        self.num_videos = int(manifest["num_videos"])
+        self.num_comments = int(manifest["num_comments"])
+        self.shard_rows = int(manifest["shard_rows"])
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EmbeddingStore":
+        """Open a complete store (``np.load(mmap_mode="r")`` per shard).
+
+        Raises:
+            FileNotFoundError: no manifest (the store was never finished).
+            EmbeddingError: a shard missing or whose shape/dtype disagrees with the manifest (names the file).
+        """
+        path = Path(path)
+        man_path = path / MANIFEST
+        if not man_path.exists():
+            raise FileNotFoundError(f"{man_path}: no embedding store manifest (run jobs/encode_text.py)")
+        manifest = json.loads(man_path.read_text())
+        for key in ("dim", "count", "num_videos", "num_comments", "shard_rows", "shards"):
+            if key not in manifest:
+                raise EmbeddingError(f"{man_path}: manifest has no key '{key}'")
+        shards, expect_start = [], 0
+        for entry in manifest["shards"]:
+            f = path / entry["file"]
+            if not f.exists():
+                raise EmbeddingError(f"{f}: shard listed in the manifest is missing")
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            if arr.dtype != np.float16 or arr.shape != (entry["rows"], manifest["dim"]):
+                raise EmbeddingError(f"{f}: {arr.dtype} {arr.shape}, manifest says float16 "
+                                     f"({entry['rows']}, {manifest['dim']})")
+            if entry["start"] != expect_start:
+                raise EmbeddingError(f"{f}: starts at row {entry['start']}, expected {expect_start}")
+            expect_start += entry["rows"]
+            shards.append(arr)
+        if expect_start != manifest["count"] + 1:
+            raise EmbeddingError(f"{man_path}: shards hold {expect_start} rows, expected count + 1 = "
+                                 f"{manifest['count'] + 1}")
+        return cls(path, manifest, shards)
+
+    def lookup(self, text_ids: np.ndarray) -> np.ndarray:
+        """Vectors of text ids (0 gives zeros).
+
+        Args:
+            text_ids: int array of any shape ``[...]``.
+
+        Returns:
+            float32 ``[..., dim]``.
+
+        Raises:
+            EmbeddingError: an id outside 0..count (names it).
+        """
+        ids = np.asarray(text_ids, dtype=np.int64)
+        flat = ids.reshape(-1)
+        bad = (flat < 0) | (flat > self.count)
+        if bad.any():
+            raise EmbeddingError(f"{self.path}: text id {int(flat[bad][0])} outside 0..{self.count}")
+        out = np.empty((len(flat), self.dim), dtype=np.float32)
+        shard_of = flat // self.shard_rows
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = self.shards[s][flat[sel] - s * self.shard_rows]
+        return out.reshape(*ids.shape, self.dim)
+
+    def as_array(self) -> np.ndarray:
+        """All rows ``[1 + count, dim]`` float32 in memory (the fine-tune text table)."""
+        return np.concatenate([np.asarray(s, dtype=np.float32) for s in self.shards], axis=0)
+
+    def as_tensor(self):
+        """``torch.Tensor`` ``[1 + count, dim]`` float32, row 0 zeros."""
+        import torch
+
+        return torch.from_numpy(self.as_array())

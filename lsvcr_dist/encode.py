@@ -1,0 +1,202 @@
+"""Offline text encoding LLM(t) of every title and comment into an ``EmbeddingStore`` (Ray Data batch inference).
+
+``which=base``: the base LLM's mean-pooled last hidden states (dim H, ``projected=false``): the frozen text table of
+``text_source=store`` alignment and of ablations. ``which=aligned``: base + the aligned LoRA adapter + the aligned
+SR text MLP (``llm_emb_mlp``), i.e. the public code's ``photo_embs.npy``/``comment_embs.npy`` (dim ``sr.text_dim``,
+``projected=true``), read by fine-tuning.
+
+The public code encodes 14.16M comments one text at a time; here ``map_batches`` runs a pool of ``num_actors``
+``TextEncoder`` actors (one GPU and bf16 each when the cluster has GPUs, CPU fp32 otherwise) over batches of text
+ids, and the driver streams results into the order-free ``EmbeddingWriter``. ``encode_texts_local`` runs the same
+encoder in-process (no Ray) for tests and debugging. No ``ray.init`` here: jobs own the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lsvcr_dist.embeddings import EmbeddingWriter
+
+ALIGN_FINAL = Path("align") / "final"
+
+
+def aligned_paths(run_dir: str | Path, adapter_dir: str = "") -> tuple[Path, Path]:
+    """(LoRA adapter folder, SR weights file) of the aligned checkpoint.
+
+    ``adapter_dir`` is the aligned ``final`` folder holding ``adapter/`` and ``sr.safetensors``; empty =
+    ``run_dir/align/final``.
+
+    Raises:
+        FileNotFoundError: either is missing (names the path and the job that writes it).
+    """
+    final = Path(adapter_dir) if adapter_dir else Path(run_dir) / ALIGN_FINAL
+    adapter, sr = final / "adapter", final / "sr.safetensors"
+    for p in (adapter, sr):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: run jobs/align.py first (or set encode.adapter_dir)")
+    return adapter, sr
+
+
+def load_text_mlp(sr_cfg, sr_file: str | Path, text_in_dim: int) -> torch.nn.Module:
+    """The aligned SR model's ``text_mlp`` from ``sr.safetensors`` (keys ``[prefix.]text_mlp.*``).
+
+    Raises:
+        KeyError: the file holds no ``text_mlp`` weights (names the file and a few of its keys).
+    """
+    from safetensors.torch import load_file
+
+    from lsvcr_dist.models.builders import build_sr_model_from_config
+
+    state = load_file(str(sr_file))
+    sub = {k.split("text_mlp.", 1)[1]: v for k, v in state.items() if "text_mlp." in k}
+    if not sub:
+        raise KeyError(f"{sr_file}: no 'text_mlp.*' weights (keys: {sorted(state)[:5]} ...)")
+    mlp = build_sr_model_from_config(sr_cfg, text_in_dim=text_in_dim).text_mlp
+    mlp.load_state_dict(sub, strict=True)
+    return mlp.eval()
+
+
+class TextEncoder:
+    """Callable class for ``map_batches``: ``{"id": [N]}`` (0-based row numbers) -> text ids + vectors.
+
+    Args:
+        data_dir: prepared data folder (texts).
+        llm: ``LLMConfig`` dict.
+        sr: ``SRConfig`` dict (``aligned`` only: the text MLP shape).
+        which: ``base`` or ``aligned``.
+        adapter: LoRA adapter folder (``aligned``).
+        sr_file: ``sr.safetensors`` (``aligned``).
+        seed: seed of the tiny backbone's random init (must equal the align stage's).
+    """
+
+    def __init__(self, data_dir: str, llm: dict, sr: dict | None = None, which: str = "base", adapter: str = "",
+                 sr_file: str = "", seed: int = 0) -> None:
+        from lsvcr_dist.config import LLMConfig, SRConfig
+        from lsvcr_dist.data.transforms import TextTokenizer
+        from lsvcr_dist.models.llm_builders import build_causal_lm, resolve_dtype
+        from lsvcr_dist.models.llm_rec import LLMRecommender
+
+        cfg = LLMConfig(**llm)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(cfg.dtype, cuda=self.device.type == "cuda")
+        self.text = TextTokenizer.from_data_dir(data_dir, cfg)
+        lm = build_causal_lm(cfg, self.text.tokenizer, dtype, seed=seed)
+        self.mlp = None
+        if which == "aligned":
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, adapter, is_trainable=False)
+            sr_cfg = SRConfig(**{k: v for k, v in (sr or {}).items()})
+            self.mlp = load_text_mlp(sr_cfg, sr_file, lm.config.hidden_size).to(self.device)
+        elif which != "base":
+            raise ValueError(f"encode.which must be 'base' or 'aligned', got {which!r}")
+        self.model = LLMRecommender(lm, lm.config.hidden_size, 1, pooling=cfg.pooling).to(self.device).eval()
+
+    @torch.no_grad()
+    def encode_ids(self, text_ids: np.ndarray) -> np.ndarray:
+        """``[N]`` text ids -> ``[N, dim]`` float32 (H for base, ``text_dim`` for aligned)."""
+        ids, mask = self.text.tokenize(text_ids)
+        vec = self.model.encode_text(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+        if self.mlp is not None:
+            vec = self.mlp(vec.to(next(self.mlp.parameters()).dtype)).float()
+        return vec.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        text_ids = np.asarray(batch["id"], dtype=np.int64) + 1
+        return {"text_id": text_ids, "vector": self.encode_ids(text_ids)}
+
+
+def _encoder_kwargs(cfg) -> tuple[dict, dict]:
+    """(constructor kwargs of ``TextEncoder``, manifest meta) for an ``EncodeConfig``."""
+    data_dir = str(Path(cfg.run_dir) / "data")
+    kw = dict(data_dir=data_dir, llm=dataclasses.asdict(cfg.llm), sr=dataclasses.asdict(cfg.sr), which=cfg.which,
+              seed=cfg.seed)
+    adapter = None
+    if cfg.which == "aligned":
+        a, s = aligned_paths(cfg.run_dir, cfg.adapter_dir)
+        kw.update(adapter=str(a), sr_file=str(s))
+        adapter = str(a)
+    llm = cfg.llm
+    model = {"tiny_glm": f"tiny_glm(h={llm.hidden_size},layers={llm.num_layers},seed={cfg.seed})",
+             "hf": llm.path, "gguf": f"{llm.path}/{llm.gguf_file}".lstrip("/")}.get(llm.kind, llm.kind)
+    meta = dict(model=model, kind=llm.kind, adapter=adapter, pooling=llm.pooling, which=cfg.which,
+                projected=cfg.which == "aligned", max_text_len=llm.max_text_len)
+    return kw, meta
+
+
+def _counts(data_dir: str) -> tuple[int, int]:
+    from lsvcr_dist.data.ft_transforms import read_dims
+
+    dims = read_dims(data_dir)
+    if dims["num_videos"] + dims["num_comments"] == 0:
+        raise ValueError(f"{data_dir}/manifest.json: no videos and no comments to encode")
+    return dims["num_videos"], dims["num_comments"]
+
+
+def _check_dtype(cfg) -> None:
+    if cfg.dtype not in ("fp16", "float16"):
+        raise ValueError(f"encode.dtype={cfg.dtype!r}: the store is fp16 only")
+
+
+def encode_texts_local(cfg, log=print) -> dict:
+    """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
+    _check_dtype(cfg)
+    kw, meta = _encoder_kwargs(cfg)
+    nv, nc = _counts(kw["data_dir"])
+    enc = TextEncoder(**kw)
+    t0 = time.perf_counter()
+    writer = None
+    for start in range(0, nv + nc, cfg.batch_size):
+        out = enc({"id": np.arange(start, min(start + cfg.batch_size, nv + nc))})
+        if writer is None:
+            writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, out["vector"].shape[1], nv, nc,
+                                     cfg.shard_rows, meta)
+        writer.write(out["text_id"], out["vector"])
+    secs = time.perf_counter() - t0
+    manifest = writer.close()
+    log(f"encoded {nv + nc} texts in {secs:.1f}s ({(nv + nc) / max(secs, 1e-9):.0f} texts/s), dim {manifest['dim']}")
+    return {**manifest, "seconds": secs}
+
+
+def encode_texts(cfg, log=print) -> dict:
+    """Encode every title and comment with a Ray Data actor pool (Ray must be initialised by the caller).
+
+    Args:
+        cfg: ``EncodeConfig``.
+        log: progress printer.
+
+    Returns:
+        The store manifest plus ``seconds`` and ``texts_per_s``.
+
+    Raises:
+        FileNotFoundError: prepared data or (``aligned``) the aligned checkpoint missing.
+    """
+    import ray
+
+    _check_dtype(cfg)
+    kw, meta = _encoder_kwargs(cfg)
+    nv, nc = _counts(kw["data_dir"])
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    n_blocks = max(1, min(-(-(nv + nc) // cfg.batch_size), 4 * cfg.num_actors))
+    ds = ray.data.range(nv + nc, override_num_blocks=n_blocks).map_batches(
+        TextEncoder, fn_constructor_kwargs=kw, batch_size=cfg.batch_size, batch_format="numpy",
+        concurrency=cfg.num_actors, num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else 1,
+    )
+    t0 = time.perf_counter()
+    writer = None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if writer is None:
+            writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, batch["vector"].shape[1], nv, nc,
+                                     cfg.shard_rows, meta)
+        writer.write(batch["text_id"], batch["vector"])
+    secs = time.perf_counter() - t0
+    manifest = writer.close()
+    rate = (nv + nc) / max(secs, 1e-9)
+    log(f"encoded {nv + nc} texts ({cfg.which}, dim {manifest['dim']}) with {cfg.num_actors} actor(s) "
+        f"{'on GPU' if use_gpu else 'on CPU'} in {secs:.1f}s ({rate:.0f} texts/s) -> {writer.path}")
+    return {**manifest, "seconds": secs, "texts_per_s": rate}

@@ -1,0 +1,159 @@
+"""Evaluation protocol (Section 4.1.3) and the 4.4.2 subsets, library side of ``jobs/evaluate.py``.
+
+Reads the prepared Parquet shards of a split with pyarrow (evaluation runs on one process; the candidate sets are
+fixed at preparation, so numbers are repeatable), applies the evaluation-mode ``FinetuneTransform`` (top-1 popular
+comment) and scores the candidates with a fine-tuned model. Reported per task: Recall@5/10, NDCG@5/10, MRR
+(untruncated; ``mrr@10`` beside it), plus, for the video task, a full ranking of the target against every video, and
+the unseen-videos (``target_seen == 0``) and unseen-users (``user_seen == 0``) subsets with their row counts
+(an empty subset is ``n = 0`` with zeros, never NaN).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from lsvcr_dist import schema
+from lsvcr_dist.data.ft_transforms import FinetuneTransform
+from lsvcr_dist.data.manifest import read_manifest, shard_files
+from lsvcr_dist.metrics import MetricAccumulator, per_row_metrics
+
+TASK_IDS = {"video": schema.TASK_VIDEO, "comment": schema.TASK_COMMENT}
+HEADLINE = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
+
+
+def iter_split(data_dir: str | Path, split: str, task: str, batch_size: int, train_mode: bool = False,
+               seed: int = 0, limit: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """FINETUNE_BATCH tensors of one split and task, read shard by shard in manifest order.
+
+    Args:
+        data_dir: prepared data folder.
+        split: ``train``/``val``/``test``.
+        task: ``video`` or ``comment``.
+        batch_size: rows per yielded batch (the last one may be smaller).
+        train_mode: random top-3 popular comments (training) instead of the top-1 (evaluation).
+        seed: transform seed.
+        limit: stop after this many rows (0 = all).
+
+    Yields:
+        dict of int64 tensors with the ``schema.FINETUNE_BATCH`` keys.
+    """
+    manifest = read_manifest(data_dir)
+    tf = FinetuneTransform(str(data_dir), train=train_mode, seed=seed)
+    want = TASK_IDS[task]
+    seen = 0
+    for path in shard_files(data_dir, manifest, "parquet", split):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise schema.SchemaError(f"{path}: unreadable shard ({e})") from None
+        if "task" not in table.column_names:
+            raise schema.SchemaError(f"{path}: missing column 'task'")
+        table = table.filter(pc.equal(table.column("task"), want))
+        for start in range(0, table.num_rows, batch_size):
+            part = table.slice(start, batch_size)
+            if limit:
+                if seen >= limit:
+                    return
+                part = part.slice(0, limit - seen)
+            seen += part.num_rows
+            yield {k: torch.from_numpy(v) for k, v in tf(part).items()}
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, task: str, *, ks=(5, 10),
+                   batch_size: int = 256, full_ranking: bool = False, subsets: bool = True, limit: int = 0) -> dict:
+    """Metrics of ``model`` on one split and task.
+
+    Args:
+        model: a ``FinetuneModel`` (or baseline with the same ``eval_scores`` / ``video_scores`` interface).
+        data_dir: prepared data folder.
+        split: split evaluated.
+        task: ``video`` or ``comment``.
+        ks: Recall/NDCG cut-offs.
+        batch_size: rows per forward.
+        full_ranking: video task only: also rank the target against every video.
+        subsets: also report the unseen-videos / unseen-users subsets.
+        limit: rows evaluated at most (0 = all).
+
+    Returns:
+        ``{"metrics": {...,"n"}, "full": {...} (video + full_ranking), "subsets": {"unseen_videos": {...},
+        "unseen_users": {...}}}``.
+    """
+    was_training = model.training
+    model.eval()
+    main, full = MetricAccumulator(ks), MetricAccumulator(ks)
+    unseen_v, unseen_u = MetricAccumulator(ks), MetricAccumulator(ks)
+    rows_done = 0
+    for batch in iter_split(data_dir, split, task, batch_size, limit=limit):
+        scores, pos, mask = model.eval_scores(batch)
+        rows = per_row_metrics(scores, pos, mask, ks, row_offset=rows_done)
+        main.update(rows)
+        if subsets:
+            unseen_v.update(rows, batch["target_seen"] == 0)
+            unseen_u.update(rows, batch["user_seen"] == 0)
+        if full_ranking and task == "video":
+            s = model(batch)
+            all_scores = model.video_scores(s)  # [B, V + 1], column 0 masked
+            pos_all = torch.zeros_like(all_scores, dtype=torch.bool)
+            pos_all[torch.arange(len(s)), batch["target_video"]] = True
+            cand = torch.ones_like(pos_all)
+            cand[:, 0] = False
+            full.update(per_row_metrics(all_scores, pos_all, cand, ks, row_offset=rows_done))
+        rows_done += scores.shape[0]
+    model.train(was_training)
+    out = {"metrics": main.result()}
+    if full_ranking and task == "video":
+        out["full"] = full.result()
+    if subsets:
+        out["subsets"] = {"unseen_videos": unseen_v.result(), "unseen_users": unseen_u.result()}
+    return out
+
+
+def results_table(results: dict) -> dict:
+    """Shape per-task evaluations into the ``metrics.json`` layout.
+
+    ``{"video": {recall@5,..,mrr, mrr@10, n}, "comment": {...}, "video_full": {...},
+    "subsets": {"video": {"unseen_videos": .., "unseen_users": ..}, "comment": {...}}}``.
+    """
+    out: dict = {}
+    for task, res in results.items():
+        out[task] = res["metrics"]
+        if "full" in res:
+            out[f"{task}_full"] = res["full"]
+        if "subsets" in res:
+            out.setdefault("subsets", {})[task] = res["subsets"]
+    return out
+
+
+def _fmt_row(name: str, m: dict, cols=HEADLINE) -> str:
+    return f"| {name} | " + " | ".join(f"{m.get(c, 0.0):.4f}" for c in cols) + f" | {m.get('n', '')} |"
+
+
+def metrics_markdown(table: dict, title: str = "LSVCR evaluation (test split, Section 4.1.3 protocol)") -> str:
+    """The ``metrics.json`` content as a Markdown table (one row per task / variant / subset)."""
+    lines = [f"## {title}", "", "| task | " + " | ".join(HEADLINE) + " | n |",
+             "|---|" + "---|" * (len(HEADLINE) + 1)]
+    for task in ("video", "comment", "video_full"):
+        if task in table:
+            lines.append(_fmt_row(task + (" (all videos ranked)" if task == "video_full" else ""), table[task]))
+    for task, subs in table.get("subsets", {}).items():
+        for name, m in subs.items():
+            lines.append(_fmt_row(f"{task} / {name.replace('_', ' ')}", m))
+    return "\n".join(lines) + "\n"
+
+
+def write_results(table: dict, out_dir: str | Path) -> Path:
+    """``metrics.json`` + ``metrics.md`` into ``out_dir``; json written last as the completion signal."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.md").write_text(metrics_markdown(table))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+    tmp.replace(out / "metrics.json")
+    return out / "metrics.json"

@@ -1,0 +1,288 @@
+"""Self-describing alignment checkpoints: DeepSpeed state + adapter/SR exports + config + data manifest.
+
+Layout of one checkpoint directory (``run_dir/align/checkpoints/step_00000010/`` once Ray has merged the
+workers' uploads)::
+
+    ds/latest, ds/<tag>/...          every rank's DeepSpeed shard (trainable params only, optimizer, scheduler)
+    adapter/adapter_config.json      peft LoRA adapter alone (safetensors)
+    adapter/adapter_model.safetensors
+    sr.safetensors                   the SR model alone: what fine-tune loads
+    llm_head.safetensors             trainable non-LoRA LLM-recommender parameters (the s~ preference head)
+    config.yaml                      the resolved AlignStageConfig
+    manifest.json                    the data manifest the run trained on
+    state.json                       step, epoch, data position, seeds, metrics
+    COMPLETE                         written last by rank 0: JSON list of every file above (all ranks)
+
+A checkpoint is resumed from only if ``COMPLETE`` exists and every file it lists exists (workers upload their
+shards independently, so the marker alone does not prove rank 1's shard has landed).
+``final/`` holds the same exports without ``ds/`` for the encode and fine-tune stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lsvcr_dist.config import dump_yaml
+
+COMPLETE = "COMPLETE"
+STATE = "state.json"
+DS_DIR = "ds"
+EXPORT_FILES = (
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "sr.safetensors",
+    "llm_head.safetensors",
+    "config.yaml",
+    "manifest.json",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def find_peft_model(model: nn.Module):
+    """The ``peft.PeftModel`` inside ``model`` (the LoRA-wrapped LLM).
+
+    Raises:
+        CheckpointError: no PeftModel found.
+    """
+    from peft import PeftModel
+
+    for m in model.modules():
+        if isinstance(m, PeftModel):
+            return m
+    raise CheckpointError("no peft.PeftModel inside the model: LoRA was not applied with peft.get_peft_model")
+
+
+def llm_head_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable LLM-recommender parameters that are not LoRA weights (the s~ head), by name under ``model.llm``."""
+    return {n: p for n, p in model.llm.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], zero_stage: int):
+    """Full (un-partitioned) parameters inside the block under ZeRO-3; a no-op otherwise.
+
+    Collective under ZeRO-3: every rank must enter it with the same parameter list.
+    """
+    if zero_stage == 3 and params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def export_weights(model: nn.Module, out_dir: str | Path, cfg: Any, manifest_path: str | Path | None,
+                   zero_stage: int, write: bool) -> list[str]:
+    """Write the adapter, SR weights, LLM head, config and data manifest into ``out_dir``.
+
+    Every rank calls this (ZeRO-3 gathers collectively); only the rank with ``write=True`` touches disk.
+
+    Args:
+        model: the AlignModel (``.llm`` holding a PeftModel, ``.sr``), possibly wrapped parameters under ZeRO-3.
+        out_dir: target folder (created).
+        cfg: the resolved stage config, dumped as ``config.yaml``.
+        manifest_path: the data ``manifest.json`` copied beside the weights; None writes ``{}``.
+        zero_stage: 3 gathers partitioned parameters first so nothing is saved empty.
+        write: True on the writing rank (rank 0).
+
+    Returns:
+        Relative paths written (empty when ``write`` is False).
+    """
+    out = Path(out_dir)
+    peft_model = find_peft_model(model)
+    head = llm_head_params(model)
+    params = [p for p in peft_model.parameters() if p.requires_grad] + list(model.sr.parameters())
+    params += list(head.values())
+    with gathered(params, zero_stage):
+        if not write:
+            return []
+        out.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(str(out / "adapter"), safe_serialization=True, save_embedding_layers=False)
+        sr_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.sr.state_dict().items()}
+        save_file(sr_state, str(out / "sr.safetensors"), metadata={"format": "pt"})
+        head_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.items()}
+        save_file(head_state, str(out / "llm_head.safetensors"), metadata={"format": "pt"})
+    # peft adds a model-card README; the checkpoint promises exactly EXPORT_FILES, so drop it.
+    (out / "adapter" / "README.md").unlink(missing_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (out / "adapter" / name).is_file():
+            raise CheckpointError(f"peft did not write {out / 'adapter' / name}")
+    dump_yaml(cfg, out / "config.yaml")
+    if manifest_path and Path(manifest_path).is_file():
+        shutil.copyfile(manifest_path, out / "manifest.json")
+    else:
+        (out / "manifest.json").write_text("{}\n")
+    return list(EXPORT_FILES)
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def save_checkpoint(engine, model: nn.Module, tmp_dir: str | Path, cfg: Any, state: dict,
+                    manifest_path: str | Path | None) -> list[str]:
+    """Write this rank's part of a checkpoint into ``tmp_dir`` (then the caller reports it to Ray).
+
+    Every rank saves its DeepSpeed shard (``exclude_frozen_parameters=True``: the frozen base is rebuilt from
+    the backbone, not stored); rank 0 adds the exports and ``state.json``, then ``COMPLETE`` last, listing the
+    files of all ranks.
+
+    Args:
+        engine: the DeepSpeed engine.
+        model: the AlignModel inside the engine (``engine.module``).
+        tmp_dir: this rank's local staging folder.
+        cfg: resolved config.
+        state: JSON-able training state (``step`` required).
+        manifest_path: data manifest to copy.
+
+    Returns:
+        On rank 0, every relative file path of the merged checkpoint; ``[]`` elsewhere.
+    """
+    rank, world = _rank_world()
+    tmp = Path(tmp_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tag = f"step_{int(state['step']):08d}"
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=tag, client_state={}, exclude_frozen_parameters=True)
+    export_weights(model, tmp, cfg, manifest_path, engine.zero_optimization_stage(), write=rank == 0)
+    if rank == 0:
+        (tmp / STATE).write_text(json.dumps({**state, "ds_tag": tag, "world_size": world}, indent=2))
+    mine = _files_under(tmp)
+    lists: list[Any] = [None] * world
+    if world > 1:
+        dist.all_gather_object(lists, mine)
+    else:
+        lists = [mine]
+    if rank != 0:
+        return []
+    files = sorted({f for lst in lists for f in lst} | {STATE})
+    # Written last: a crash before this line leaves a checkpoint that is never resumed from.
+    (tmp / COMPLETE).write_text(json.dumps({"files": files, "step": int(state["step"])}, indent=1))
+    return files + [COMPLETE]
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path/COMPLETE`` exists and every file it lists is present."""
+    p = Path(path)
+    marker = p / COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((p / f).is_file() for f in files)
+
+
+def read_state(path: str | Path) -> dict:
+    """``state.json`` of a checkpoint.
+
+    Raises:
+        CheckpointError: the checkpoint is not complete (names the path).
+    """
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no COMPLETE marker or a listed file is missing)")
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def find_latest_complete(align_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``align_dir/checkpoints*/`` (None if there is none)."""
+    root = Path(align_dir)
+    best: tuple[int, float, Path] | None = None
+    for marker in root.glob(f"checkpoints*/*/{COMPLETE}"):
+        ckpt = marker.parent
+        if not is_complete(ckpt):
+            continue
+        step = int(json.loads((ckpt / STATE).read_text()).get("step", -1))
+        key = (step, marker.stat().st_mtime, ckpt)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine ``load`` without unpickling arbitrary objects (the project rule)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def restore_checkpoint(engine, path: str | Path) -> dict:
+    """Load model, optimizer and scheduler state into ``engine`` from a complete checkpoint; return its state.
+
+    Every rank calls this with the same (shared-storage) path. DeepSpeed's own reader is switched to
+    ``torch.load(weights_only=True)`` so a checkpoint cannot execute code.
+
+    Raises:
+        CheckpointError: incomplete checkpoint or DeepSpeed could not load it.
+    """
+    state = read_state(path)
+    _allow_deepspeed_globals()
+    engine.checkpoint_engine.load = _weights_only_load
+    load_path, _ = engine.load_checkpoint(
+        str(Path(path) / DS_DIR), tag=state["ds_tag"], load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no state under {Path(path) / DS_DIR} (tag {state['ds_tag']})")
+    return state
+
+
+def _allow_deepspeed_globals() -> None:
+    """The two plain DeepSpeed classes pickled into ZeRO optimizer shards, allow-listed for ``weights_only``.
+
+    ``ZeroStageEnum`` is an int enum and ``LossScaler`` a static scale holder (no ``__reduce__`` of its own), so
+    allowing them keeps ``weights_only=True`` meaningful: nothing else can be instantiated while loading.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler])
+
+
+def load_sr_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """SR weights of a checkpoint or ``final/`` folder (``sr.safetensors``), for fine-tune.
+
+    Raises:
+        CheckpointError: the file is missing (names it).
+    """
+    f = Path(path) / "sr.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"no SR weights at {f}")
+    return load_file(str(f))
+
+
+def write_final(model: nn.Module, align_dir: str | Path, cfg: Any, manifest_path: str | Path | None,
+                zero_stage: int, write: bool) -> Path:
+    """Exports of the finished run into ``align_dir/final`` (``final/adapter/``, ``final/sr.safetensors``...).
+
+    Collective under ZeRO-3 like ``export_weights``. The previous ``final/`` is replaced atomically-ish: written
+    to ``final.tmp`` then renamed, so readers never see a half-written folder.
+    """
+    final = Path(align_dir) / "final"
+    tmp = Path(align_dir) / "final.tmp"
+    if write and tmp.exists():
+        shutil.rmtree(tmp)
+    export_weights(model, tmp, cfg, manifest_path, zero_stage, write)
+    if write:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    return final

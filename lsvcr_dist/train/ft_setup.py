@@ -1,0 +1,169 @@
+"""Fine-tune model set-up and self-describing best-model checkpoints (no Ray: also used by evaluate and serve).
+
+A fine-tuned task folder ``run_dir/finetune/<task>/best/`` holds::
+
+    model.safetensors   the FinetuneModel's persistent weights (the SR model; never the frozen text table)
+    model_args.json     build_sr_model kwargs + task, num_videos, tau, text store path, model kind
+    config.yaml         the resolved FinetuneStageConfig
+    manifest.json       the data manifest it was trained on
+    meta.json           epoch and validation metrics of the selected model
+    COMPLETE            written last (a folder without it is never loaded)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lsvcr_dist.config import dump_yaml
+from lsvcr_dist.models.builders import build_sr_model
+from lsvcr_dist.models.finetune_model import FinetuneModel, prepare_aligned_state
+
+BEST_FILES = ("model.safetensors", "model_args.json", "config.yaml", "meta.json", "COMPLETE")
+
+
+class FinetuneSetupError(RuntimeError):
+    """A required input of fine-tune/evaluation is missing or inconsistent; the message names the path or key."""
+
+
+def store_dir(run_dir: str | Path, init: str) -> Path:
+    """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment'."""
+    if init not in ("align", "scratch"):
+        raise FinetuneSetupError(f"finetune.init must be 'align' or 'scratch', got {init!r}")
+    return Path(run_dir) / "embeddings" / ("aligned" if init == "align" else "base")
+
+
+def load_text_table(path: str | Path) -> torch.Tensor:
+    """The whole store as a float32 ``[1 + V + C, Din]`` tensor (row 0 zeros)."""
+    from lsvcr_dist.embeddings import EmbeddingStore  # engineer B's store; imported late so stand-ins can be used
+
+    if not (Path(path) / "manifest.json").is_file():
+        raise FinetuneSetupError(f"{path}: embedding store missing (run jobs/encode_text.py)")
+    return EmbeddingStore.open(str(path)).as_tensor().float()
+
+
+def sr_build_args(sr_cfg: Any, *, text_in_dim: int, use_text_mlp: bool, num_videos: int) -> dict:
+    """Plain ``build_sr_model`` kwargs from an ``SRConfig`` plus the data-dependent values."""
+    return dict(text_in_dim=int(text_in_dim), dim=sr_cfg.dim, n_layers=sr_cfg.n_layers, n_heads=sr_cfg.n_heads,
+                inner_size=sr_cfg.inner_size, dropout=sr_cfg.dropout, max_position=sr_cfg.max_position,
+                text_dim=sr_cfg.text_dim, text_mlp_hidden=sr_cfg.text_mlp_hidden, use_text_mlp=bool(use_text_mlp),
+                num_videos=int(num_videos), kv_quirk=sr_cfg.kv_quirk, fc_residual=sr_cfg.fc_residual,
+                rand_pos_per_sample=sr_cfg.rand_pos_per_sample)
+
+
+def aligned_trained_positions(align_final: Path, la: int) -> int | None:
+    """Rows of the positional tables that alignment trained: all (randomized positions) or the first LA."""
+    cfg_path = align_final / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    with open(cfg_path) as f:
+        acfg = yaml.safe_load(f) or {}
+    return None if acfg.get("rand_pos", True) else int(la)
+
+
+def build_finetune_model(cfg: Any, task: str, *, num_videos: int, text_table: torch.Tensor,
+                         align_final: str | Path | None = None, la: int = 20, generator: torch.Generator | None = None,
+                         ) -> tuple[FinetuneModel, dict]:
+    """The task's FinetuneModel, initialised from the aligned SR weights (``init=align``) or at random (``scratch``).
+
+    Args:
+        cfg: ``FinetuneStageConfig``.
+        task: ``video`` or ``comment``.
+        num_videos: V (ID-embedding rows unless ``cfg.use_id`` is False).
+        text_table: ``[1 + V + C, Din]`` text vectors (aligned store: Din = sr.text_dim, projected).
+        align_final: folder holding ``sr.safetensors`` (+ ``config.yaml``) for ``init=align``.
+        la: alignment history length (rows trained without randomized positions).
+        generator: RNG of the 'random' position extension.
+
+    Returns:
+        ``(model, build_args)``.
+
+    Raises:
+        FinetuneSetupError: missing aligned weights or a store of the wrong width.
+        CheckpointShapeError: aligned weights of another shape (names the tensor and both shapes).
+    """
+    aligned = cfg.init == "align"
+    din = int(text_table.shape[1])
+    if aligned and din != cfg.sr.text_dim:
+        raise FinetuneSetupError(f"aligned store vectors have width {din} but sr.text_dim={cfg.sr.text_dim}"
+                                 " (the aligned store must hold projected vectors)")
+    args = sr_build_args(cfg.sr, text_in_dim=din, use_text_mlp=not aligned,
+                         num_videos=num_videos if cfg.use_id else 0)
+    sr = build_sr_model(**args)
+    if aligned:
+        if align_final is None:
+            raise FinetuneSetupError("init=align needs the aligned SR weights folder")
+        path = Path(align_final) / "sr.safetensors"
+        if not path.is_file():
+            raise FinetuneSetupError(f"{path}: aligned SR weights missing (run jobs/align.py, or finetune.init=scratch)")
+        state = prepare_aligned_state(sr, load_file(str(path)), str(path),
+                                      aligned_trained_positions(Path(align_final), la))
+        sr.load_aligned_state(state, position_mode=cfg.position_extension, generator=generator)
+    return FinetuneModel(sr, text_table, num_videos, task, tau=cfg.loss.tau), args
+
+
+def save_best(out_dir: str | Path, model: FinetuneModel, cfg: Any, build_args: dict, meta: dict,
+              manifest_path: str | Path | None, text_store: str | Path, kind: str = "lsvcr") -> Path:
+    """Write the selected model into ``out_dir`` atomically (``out_dir.tmp`` then rename; COMPLETE last)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    args = {"kind": kind, "task": model.task, "num_videos": model.num_videos, "tau": model.tau,
+            "text_store": str(text_store), "sr": build_args}
+    (tmp / "model_args.json").write_text(json.dumps(args, indent=1))
+    dump_yaml(cfg, tmp / "config.yaml")
+    if manifest_path and Path(manifest_path).is_file():
+        shutil.copy(manifest_path, tmp / "manifest.json")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "COMPLETE").write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def build_from_args(args: dict, text_table: torch.Tensor) -> nn.Module:
+    """Rebuild a (not yet loaded) scorer from ``model_args.json`` content: LSVCR or a baseline."""
+    kind = args.get("kind", "lsvcr")
+    if kind == "lsvcr":
+        return FinetuneModel(build_sr_model(**args["sr"]), text_table, args["num_videos"], args["task"], args["tau"])
+    from lsvcr_dist.models.baselines import build_baseline
+
+    return build_baseline(kind, args, text_table)
+
+
+def load_finetuned(best_dir: str | Path, text_table: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """Load a fine-tuned model from its ``best/`` folder (safetensors only, never pickles).
+
+    Args:
+        best_dir: ``run_dir/finetune/<task>/best``.
+        text_table: text vectors; None = open the store recorded in ``model_args.json``.
+
+    Returns:
+        ``(model in eval mode, model_args)``.
+
+    Raises:
+        FinetuneSetupError: the folder is incomplete (no COMPLETE marker) or a file is missing (named).
+    """
+    best = Path(best_dir)
+    if not (best / "COMPLETE").is_file():
+        raise FinetuneSetupError(f"{best}: no complete fine-tuned model (COMPLETE marker missing; rerun finetune)")
+    args = json.loads((best / "model_args.json").read_text())
+    if text_table is None:
+        text_table = load_text_table(args["text_store"])
+    model = build_from_args(args, text_table)
+    state = load_file(str(best / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), args

@@ -1,0 +1,149 @@
+"""Checkpoint save / complete-marker / restore with the real DeepSpeed engine, 2 processes (spawn + gloo).
+
+A ZeRO-3 run of 3 optimizer steps is compared with a run stopped after 2 steps, checkpointed (each rank into its own
+staging dir, merged like Ray merges uploads), rebuilt from scratch and restored: step 3 must give the same loss.
+Dropout stays ON: the per-micro-step reseeding makes the resumed draws identical without stored RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _align_fakes import NV, fake_batch, text_encoder  # noqa: E402
+
+from lsvcr_dist.train.checkpoint import (  # noqa: E402
+    COMPLETE, EXPORT_FILES, CheckpointError, find_latest_complete, is_complete, read_state)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(stage: int):
+    from lsvcr_dist.config import load_config
+
+    return load_config(ROOT / "jobs/configs/tiny.yaml", "align", [
+        f"deepspeed.zero_stage={stage}", "global_batch=4", "deepspeed.micro_batch=2", "scaling.num_workers=2",
+        "max_steps=3", "optim.warmup_ratio=0", "run_dir=/nonexistent",
+    ])
+
+
+def _run_steps(engine, loss_fn, cfg, encode, rank, start, stop):
+    from lsvcr_dist.train.align_step import micro_step, seed_micro_step, text_inputs, to_tensors
+
+    losses = []
+    for step in range(start, stop):
+        raw = fake_batch(2, seed=100 * step + rank)
+        seed_micro_step(cfg.seed, rank, step)
+        m = micro_step(engine, loss_fn, to_tensors(raw, "cpu"), text_inputs(raw, NV, encode, "cpu"), rand_pos=True)
+        losses.append(m["loss"])
+    return losses
+
+
+def _worker(rank: int, world: int, port: int, stage: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from lsvcr_dist.losses import AlignmentLoss
+    from lsvcr_dist.models.align_model import build_align_model
+    from lsvcr_dist.train.checkpoint import restore_checkpoint, save_checkpoint
+    from lsvcr_dist.train.engine import initialize_engine
+
+    cfg = _cfg(stage)
+    loss_fn = AlignmentLoss.from_config(cfg.loss)
+    tok, model = build_align_model(cfg, NV)
+    encode = text_encoder(tok)
+    engine, _ = initialize_engine(model, cfg, world, "cpu", total_steps=3)
+    full = _run_steps(engine, loss_fn, cfg, encode, rank, 0, 3)
+
+    tok, model = build_align_model(cfg, NV)
+    engine, _ = initialize_engine(model, cfg, world, "cpu", total_steps=3)
+    first = _run_steps(engine, loss_fn, cfg, encode, rank, 0, 2)
+    stage_dir = Path(tmp) / f"stage_rank{rank}"
+    files = save_checkpoint(engine, engine.module, stage_dir, cfg, {"step": 2, "epoch": 0, "micro_in_epoch": 2},
+                            manifest_path=None)
+    dist.barrier()
+    merged = Path(tmp) / "checkpoints" / "step_00000002"
+    if rank == 0:  # what Ray does with the per-worker uploads of one report
+        for r in range(world):
+            shutil.copytree(Path(tmp) / f"stage_rank{r}", merged, dirs_exist_ok=True)
+    dist.barrier()
+    tok, model = build_align_model(cfg, NV)
+    engine, _ = initialize_engine(model, cfg, world, "cpu", total_steps=3)
+    state = restore_checkpoint(engine, merged)
+    resumed = _run_steps(engine, loss_fn, cfg, encode, rank, state["step"], 3)
+    with open(Path(tmp) / f"result_{rank}.json", "w") as f:
+        json.dump({"full": full, "first": first, "resumed": resumed, "files": files,
+                   "lr": engine.lr_scheduler.get_last_lr()}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_zero3_checkpoint_files_and_exact_resume(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), 3, str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "result_0.json").read_text())
+    r1 = json.loads((tmp_path / "result_1.json").read_text())
+    for r in (r0, r1):
+        assert r["first"] == pytest.approx(r["full"][:2], abs=1e-6)
+        assert r["resumed"] == pytest.approx(r["full"][2:], abs=1e-6)  # same loss at step 3 after restore
+    assert r0["full"] != r1["full"]  # the ranks saw different rows (a real 2-worker run)
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    # exactly the promised files: exports + state + marker + the DeepSpeed shards of both ranks
+    files = set(r0["files"])
+    assert r1["files"] == []
+    ds_files = {f for f in files if f.startswith("ds/")}
+    assert set(files - ds_files) == set(EXPORT_FILES) | {"state.json", COMPLETE}
+    for r in (0, 1):
+        assert f"ds/step_00000002/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in ds_files
+        assert f"ds/step_00000002/zero_pp_rank_{r}_mp_rank_00_model_states.pt" in ds_files
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
+    assert on_disk == files
+    assert read_state(ckpt)["step"] == 2 and read_state(ckpt)["world_size"] == 2
+    # ZeRO-3 exports were gathered: LoRA A/B have their full shapes, not empty partitions
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(ckpt / "adapter/adapter_model.safetensors"))
+    lora_a = [v for k, v in adapter.items() if "lora_A" in k]
+    assert lora_a and all(v.shape == (8, 64) or v.shape[0] == 8 for v in lora_a) and all(v.numel() > 0 for v in lora_a)
+    sr = load_file(str(ckpt / "sr.safetensors"))
+    assert sr["llm_adapter.weight"].shape == (32, 32) and float(sr["llm_adapter.weight"].abs().sum()) > 0
+    head = load_file(str(ckpt / "llm_head.safetensors"))
+    assert set(head) == {"pref_head.weight", "pref_head.bias"} and head["pref_head.weight"].shape == (32, 64)
+    # completeness: the marker alone is not enough, every listed file must exist
+    assert is_complete(ckpt) and find_latest_complete(tmp_path) == ckpt
+    (ckpt / "ds/step_00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert not is_complete(ckpt) and find_latest_complete(tmp_path) is None
+    with pytest.raises(CheckpointError, match="step_00000002 is incomplete"):
+        read_state(ckpt)
+
+
+def test_latest_complete_picks_highest_step_and_skips_unmarked(tmp_path):
+    def make(name, step, complete=True):
+        d = tmp_path / "checkpoints" / name
+        d.mkdir(parents=True)
+        (d / "state.json").write_text(json.dumps({"step": step}))
+        if complete:
+            (d / COMPLETE).write_text(json.dumps({"files": ["state.json"], "step": step}))
+        return d
+
+    make("step_00000010", 10)
+    best = make("step_00000020", 20)
+    make("step_00000030", 30, complete=False)  # crashed before the marker: never resumed from
+    assert find_latest_complete(tmp_path) == best
+    assert find_latest_complete(tmp_path / "nothing") is None

@@ -1,0 +1,165 @@
+"""Fine-tune unit tests: transform, loading aligned SR weights, shape refusal, steps that learn, best-model files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _ft_fakes as F  # noqa: E402
+
+from lsvcr_dist.data.ft_transforms import FinetuneTransform, keep_recent  # noqa: E402
+from lsvcr_dist.evaluate import evaluate_model, iter_split  # noqa: E402
+from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss  # noqa: E402
+from lsvcr_dist.models.finetune_model import CheckpointShapeError  # noqa: E402
+from lsvcr_dist.train.finetune_loop import train_step  # noqa: E402
+from lsvcr_dist.train.ft_setup import (  # noqa: E402
+    FinetuneSetupError, build_finetune_model, load_finetuned, save_best)
+
+
+@pytest.fixture()
+def run(tmp_path):
+    F.make_prepared(tmp_path)
+    return tmp_path
+
+
+def _model(run, task="video", **kw):
+    cfg = F.ft_config(run, **kw)
+    return build_finetune_model(cfg, task, num_videos=F.V, text_table=F.text_table(),
+                                align_final=run / "align" / "final", la=F.DIMS["LA"],
+                                generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------ transform
+def test_keep_recent_hand_example():
+    """[1 2 3 4 0] (len 4) keep 2 -> [3 4]; [5 0 0 0 0] (len 1) keep 2 -> [5 0]."""
+    h = np.array([[1, 2, 3, 4, 0], [5, 0, 0, 0, 0]])
+    assert keep_recent(h, np.array([4, 1]), 2).tolist() == [[3, 4], [5, 0]]
+
+
+def test_transform_popular_comments_train_and_eval(run):
+    data = run / "data"
+    table = pq.read_table(data / "parquet" / "train" / "part-00000.parquet")
+    ev = FinetuneTransform(str(data), train=False)(table)
+    vh = ev["video_hist"]
+    top1 = np.where(vh > 1, (vh - 1) * F.C_PER_VIDEO + 1, 0)  # video 1 has no comments -> 0
+    assert np.array_equal(ev["video_hist_comment"], top1)
+    tr = FinetuneTransform(str(data), train=True, seed=3)(table)
+    vh, pc = tr["video_hist"], tr["video_hist_comment"]
+    first = (vh - 1) * F.C_PER_VIDEO + 1
+    real = vh > 0
+    assert np.all(pc[~real] == 0) and np.all(pc[vh == 1] == 0)
+    assert np.all(pc[vh == 2] == F.comments_of(2)[0])  # only one popular comment
+    many = real & (vh > 2)
+    off = pc[many] - first[many]
+    assert off.min() == 0 and off.max() == 2  # uniformly one of the top-3, never the 4th popular comment
+    # per-row draws do not depend on the batch they arrive in
+    part = FinetuneTransform(str(data), train=True, seed=3)(table.slice(5, 7))
+    assert np.array_equal(part["video_hist_comment"], pc[5:12])
+    other_epoch = FinetuneTransform(str(data), train=True, seed=3, epoch=1)(table)
+    assert not np.array_equal(other_epoch["video_hist_comment"], pc)
+    assert set(tr) == set(F.schema.FINETUNE_BATCH) and all(v.dtype == np.int64 for v in tr.values())
+
+
+def test_transform_missing_column_is_named(run):
+    table = pq.read_table(run / "data" / "parquet" / "val" / "part-00000.parquet").drop_columns(["user_seen"])
+    with pytest.raises(F.schema.SchemaError, match="user_seen"):
+        FinetuneTransform(str(run / "data"), train=False)(table)
+
+
+# ------------------------------------------------------------------------------------------ aligned weights
+def test_loads_aligned_sr_weights_and_extends_positions(run):
+    """Aligned table of 4 rows (alignment length) -> rows 0-3 copied, rows 4-5 = their mean (public code)."""
+    cfg = F.ft_config(run)
+    saved = F.write_aligned(run, cfg, rows=4)
+    model, args = _model(run)
+    sr = model.sr
+    assert args["use_text_mlp"] is False and args["num_videos"] == F.V
+    assert torch.equal(sr.llm_adapter.weight, saved["llm_adapter.weight"])
+    assert torch.equal(sr.merge.weight, saved["merge.weight"])
+    for name in ("pos_v", "pos_c"):
+        w = getattr(sr, name).weight
+        assert w.shape == (F.DIMS["L"], 8)
+        assert torch.equal(w[:4], saved[f"{name}.weight"])
+        assert torch.allclose(w[4:], saved[f"{name}.weight"].mean(0, keepdim=True).expand(2, -1))
+    assert sr.id_embedding.weight.shape == (F.V + 1, 8) and float(sr.gate.detach()) == 1.0
+    assert "text_table" not in model.state_dict()  # the frozen store never goes into checkpoints
+
+
+def test_without_randpos_only_la_rows_kept_and_random_extension(run):
+    """Alignment without randomized positions trained rows 0..LA-1 only: the rest is refilled (random mode)."""
+    cfg = F.ft_config(run)
+    saved = F.write_aligned(run, cfg, rand_pos=False)  # a full 6-row table, of which 4 were trained
+    mean_model, _ = _model(run)
+    rand_model, _ = _model(run, position_extension="random")
+    la = F.DIMS["LA"]
+    for m in (mean_model, rand_model):
+        assert torch.equal(m.sr.pos_v.weight[:la], saved["pos_v.weight"][:la])
+    mean_fill = saved["pos_v.weight"][:la].mean(0)
+    assert torch.allclose(mean_model.sr.pos_v.weight[la:], mean_fill.expand(2, -1))
+    tail = rand_model.sr.pos_v.weight[la:]
+    assert not torch.allclose(tail, mean_fill.expand(2, -1)) and not torch.allclose(tail, saved["pos_v.weight"][la:])
+
+
+def test_refuses_checkpoint_of_another_shape(run):
+    cfg = F.ft_config(run)
+    F.write_aligned(run, cfg, dim=16)
+    with pytest.raises(CheckpointShapeError, match=r"tensor 'llm_adapter.weight' has shape \(16, 8\) in the "
+                                                   r"checkpoint but the model expects \(8, 8\)"):
+        _model(run)
+
+
+def test_missing_aligned_weights_named(run):
+    with pytest.raises(FinetuneSetupError, match=r"align/final/sr.safetensors: aligned SR weights missing"):
+        _model(run)
+
+
+def test_scratch_init_uses_text_mlp_and_ignores_align(run):
+    cfg = F.ft_config(run, init="scratch")
+    model, args = build_finetune_model(cfg, "video", num_videos=F.V, text_table=F.text_table(dim=12))
+    assert args["use_text_mlp"] is True and args["text_in_dim"] == 12
+
+
+# ------------------------------------------------------------------------------------------ training + best model
+@pytest.mark.parametrize("task", ["video", "comment"])
+def test_train_steps_reduce_loss(run, task):
+    F.write_aligned(run, F.ft_config(run))
+    torch.manual_seed(0)
+    model, _ = _model(run, task)
+    cfg = F.ft_config(run)
+    batch = next(iter_split(run / "data", "train", task, 40, train_mode=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tl = VRTLoss(0.07) if task == "video" else CommentRankLoss(0.07)
+    fl = FinetuneLoss.from_config(cfg.loss)
+    gen = torch.Generator().manual_seed(0)
+    losses = [train_step(model, batch, task, tl, fl, opt, gen)["loss"] for _ in range(25)]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert fl.use_reg and train_step(model, batch, task, tl, fl, opt, gen)["loss_reg"] > 0
+
+
+def test_save_and_load_best_gives_identical_scores(run):
+    F.write_aligned(run, F.ft_config(run))
+    cfg = F.ft_config(run)
+    for task in ("video", "comment"):
+        model, args = _model(run, task)
+        with torch.no_grad():
+            model.sr.gate.fill_(0.5)  # a changed weight must round-trip
+        best = save_best(run / "finetune" / task / "best", model, cfg, args, {"epoch": 1}, None, "unused")
+        loaded, largs = load_finetuned(best, text_table=model.text_table)
+        assert largs["task"] == task and float(loaded.sr.gate.detach()) == 0.5
+        model.eval()
+        batch = next(iter_split(run / "data", "val", task, 12))
+        with torch.no_grad():
+            for a, b in zip(model.eval_scores(batch), loaded.eval_scores(batch)):
+                assert torch.equal(a, b)
+        m1 = evaluate_model(model, run / "data", "val", task)["metrics"]
+        m2 = evaluate_model(loaded, run / "data", "val", task)["metrics"]
+        assert m1 == m2 and m1["n"] == 12
+    (best / "COMPLETE").unlink()
+    with pytest.raises(FinetuneSetupError, match="COMPLETE marker missing"):
+        load_finetuned(best, text_table=model.text_table)
