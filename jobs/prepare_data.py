@@ -15,16 +15,17 @@ from _cli import init_ray, parse
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse("prepare", __doc__.splitlines()[0], argv)
-    init_ray()
-    from lsvcr_dist.data.prepare import prepare
+    from lsvcr_dist.data.prepare import prepare, validate_inputs
     from lsvcr_dist.data.raw import RawDataError
 
     t0 = time.time()
-    try:
-        manifest = prepare(cfg)
-    except RawDataError as e:  # bad input: one clear line naming file/row/column, no traceback
-        print(f"prepare_data: raw data error: {e}", file=sys.stderr)
+    try:  # bad input fails here, before Ray starts: one clear line naming file/row/column, no traceback
+        stats = validate_inputs(cfg)
+    except (RawDataError, ValueError) as e:
+        print(f"prepare_data: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    init_ray()
+    manifest = prepare(cfg, stats=stats)
     print(json.dumps({"run_dir": cfg.run_dir, "wall_s": round(time.time() - t0, 2), "splits": manifest["splits"],
                       "filtered": manifest["filtered"]}))
     return 0

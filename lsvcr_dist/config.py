@@ -211,6 +211,24 @@ class GenerateConfig:
     shard_rows: int = 1_000_000
     """Rows per raw Parquet shard; large tables are written shard by shard."""
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError for sizes the generator cannot honour exactly (named keys)."""
+        problems = [f"generate.{k} must be >= 1, got {getattr(self, k)}" for k in (
+            "num_users", "num_videos", "num_comments", "num_video_inter", "num_comment_inter", "num_topics",
+            "shard_rows") if getattr(self, k) < 1]
+        if self.days < 3:
+            problems.append(f"generate.days must be >= 3 (train, validation, test days), got {self.days}")
+        if self.num_video_inter < 4 * self.num_users:  # 2 train-day + 1 val-day + 1 test-day interaction per user
+            problems.append(f"generate.num_video_inter={self.num_video_inter} < 4 * num_users = "
+                            f"{4 * self.num_users} (every user needs train, val and test days)")
+        if self.num_videos < self.num_topics:
+            problems.append(f"generate.num_videos={self.num_videos} < num_topics={self.num_topics}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
 
 @dataclass
 class PrepareConfig:
@@ -306,6 +324,8 @@ class CheckpointConfig:
     """Checkpoints kept (Ray ``CheckpointConfig.num_to_keep``)."""
     resume: bool = True
     """Resume from the latest complete checkpoint of this run if there is one."""
+    max_failures: int = 1
+    """Worker-group restarts after a crash (Ray ``FailureConfig.max_failures``), each resuming the last checkpoint."""
 
 
 @dataclass

@@ -87,10 +87,12 @@ class EmbeddingWriter:
         bad = (ids < 1) | (ids > self.count)
         if bad.any():
             raise EmbeddingError(f"{self.path}: text id {int(ids[bad][0])} outside 1..{self.count}")
-        if len(np.unique(ids)) != len(ids) or self.written[ids].any():
-            dup = ids[self.written[ids]] if self.written[ids].any() else ids[np.unique(ids, return_counts=True)[1] > 1]
+        uniq, counts = np.unique(ids, return_counts=True)
+        if self.written[ids].any() or (counts > 1).any():
+            dup = ids[self.written[ids]] if self.written[ids].any() else uniq[counts > 1]
             raise EmbeddingError(f"{self.path}: text id {int(dup[0])} written twice")
-        half = vec.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow to inf is caught right below, naming the text id
+            half = vec.astype(np.float16)
         for name, arr in (("input", vec), ("fp16 cast", half)):
             finite = np.isfinite(arr).all(axis=1)
             if not finite.all():

@@ -157,3 +157,40 @@ def write_results(table: dict, out_dir: str | Path) -> Path:
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
     tmp.replace(out / "metrics.json")
     return out / "metrics.json"
+
+
+def evaluate_run(cfg, export: bool = True) -> dict:
+    """Evaluate every fine-tuned task of ``cfg.run_dir`` on the test split and write ``run_dir/eval``.
+
+    Args:
+        cfg: ``EvalConfig``.
+        export: also export each task's TorchScript scorer into ``run_dir/export/<task>/``.
+
+    Returns:
+        The ``metrics.json`` table.
+
+    Raises:
+        FileNotFoundError: no fine-tuned model at all (names the folder).
+    """
+    from lsvcr_dist.train.ft_setup import load_finetuned
+
+    run_dir = Path(cfg.run_dir)
+    data_dir = run_dir / "data"
+    results = {}
+    for task in ("video", "comment"):
+        best = run_dir / "finetune" / task / "best"
+        if not best.exists():
+            continue
+        model, args = load_finetuned(best)
+        if getattr(model, "sr", None) is not None and export:  # what ships: TorchScript scorer beside the store
+            from lsvcr_dist.models.export import export_scorer
+
+            example = next(iter_split(data_dir, "test", task, 4))
+            export_scorer(model, example, run_dir / "export" / task, {"text_store": args["text_store"]})
+        results[task] = evaluate_model(model, data_dir, "test", task, ks=tuple(cfg.ks), batch_size=cfg.batch_size,
+                                       full_ranking=cfg.full_ranking)
+    if not results:
+        raise FileNotFoundError(f"{run_dir / 'finetune'}: no fine-tuned model (run jobs/finetune.py first)")
+    table = results_table(results)
+    write_results(table, run_dir / "eval")
+    return table

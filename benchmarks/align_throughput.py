@@ -1,0 +1,293 @@
+"""Alignment-step throughput: ours (Ray Data -> Ray Train + DeepSpeed) vs the public code's recipe, side by side.
+
+    python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --out /tmp/align_tp.json
+    python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --out f.json --workers 1,2 --steps 10
+    # GPU (bf16, ChatGLM3-6B shape, random weights):
+    python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --model chatglm3-6b-shaped \
+        --workers 1 --warmup 3 --steps 10 --out gpu.json scaling.use_gpu=true llm.max_prompt_len=1024
+
+For every worker count W (weak scaling: fixed micro batch per worker, global batch = micro x W so every micro-step
+is an optimizer step): (1) the Ray Data ingest rate (the same transformed dataset iterated without a model),
+(2) ours: ``lsvcr_dist.train.bench.ray_bench_worker`` in a ``TorchTrainer``, (3) the reference recipe:
+``reference_bench_worker`` under ``torch.multiprocessing.spawn`` with in-memory pre-transformed batches, local
+negatives, padded prompts, full-vocabulary logits, ZeRO-2. Writes one JSON (top level = ours at the largest W) and
+a PNG of the scaling. Tokens = real prompt tokens (instruction + target + eos) + real text-encoder tokens.
+Generates and prepares the config's tiny data into ``run_dir`` first when ``run_dir/data`` is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+from _cli import init_ray, parse  # noqa: E402
+
+CHATGLM3_6B_SHAPED = ["llm.kind=tiny_glm", "llm.hidden_size=4096", "llm.num_layers=28", "llm.num_heads=32",
+                      "llm.num_kv_heads=2", "llm.ffn_size=13696", "llm.vocab_size=65024"]
+
+
+def _extra(p) -> None:
+    p.add_argument("--out", required=True, help="result JSON path (a PNG of the scaling is written beside it)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed micro-steps per run")
+    p.add_argument("--steps", type=int, default=8, help="timed micro-steps per run")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts (weak scaling)")
+    p.add_argument("--reference", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="also run the public code's recipe side by side")
+    p.add_argument("--trim", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="ours: trim prompts/texts to the longest real length of the micro-batch")
+    p.add_argument("--model", choices=["config", "tiny", "chatglm3-6b-shaped"], default="config",
+                   help="config/tiny: the config's llm block (a real checkpoint via llm.kind=hf llm.path=...); "
+                        "chatglm3-6b-shaped: random GLM with ChatGLM3-6B's shapes")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak; 0 = H100/H200 bf16 989.4 by name on CUDA, fp32 matmul probe on CPU")
+    p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
+
+
+def _stage_overrides(stage: str, overrides: list[str]) -> list[str]:
+    """The overrides whose top key exists in ``stage`` (``deepspeed.*`` means nothing to ``generate``)."""
+    from lsvcr_dist.config import STAGES
+
+    names = {f.name for f in dataclasses.fields(STAGES[stage])}
+    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in names]
+
+
+def ensure_data(config: str, overrides: list[str], run_dir: Path) -> None:
+    """Generate + prepare the preset's data into ``run_dir`` when ``run_dir/data/manifest.json`` is missing."""
+    from lsvcr_dist.config import load_config
+
+    if (run_dir / "data" / "manifest.json").is_file():
+        return
+    if not (run_dir / "raw").is_dir():
+        from lsvcr_dist.data.generate import generate_logs
+
+        print(f"[bench] generating logs into {run_dir / 'raw'}", flush=True)
+        generate_logs(load_config(config, "generate", _stage_overrides("generate", overrides)))
+    from lsvcr_dist.data.prepare import prepare
+
+    print(f"[bench] preparing {run_dir / 'data'}", flush=True)
+    prepare(load_config(config, "prepare", _stage_overrides("prepare", overrides)), log=lambda *_: None)
+
+
+def measure_ingest(cfg, manifest: dict, rows: int) -> dict:
+    """Rows/s Ray Data delivers of the transformed ALIGN dataset (same pipeline as training, no model)."""
+    from lsvcr_dist.train.align_run import build_align_dataset
+
+    ds = build_align_dataset(cfg, manifest, limit=rows)
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for b in ds.iter_batches(batch_size=cfg.deepspeed.micro_batch, batch_format="numpy"):
+        n += len(b["task"])
+        if first is None:
+            first, n0 = time.perf_counter(), n
+    end = time.perf_counter()
+    steady = (n - n0) / (end - first) if first and end > first and n > n0 else float("nan")
+    return {"rows": n, "first_batch_s": (first or end) - t0, "rows_per_s_steady": steady,
+            "rows_per_s_total": n / max(end - t0, 1e-9)}
+
+
+def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
+    """One Ray Train fit of ``ray_bench_worker``; returns ``bench.summarize`` of the per-rank results."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsvcr_dist.config import to_dict
+    from lsvcr_dist.data.ingest import ingest_data_config
+    from lsvcr_dist.train.align_run import build_align_dataset
+    from lsvcr_dist.train.bench import ray_bench_worker, summarize
+
+    w = cfg.scaling.num_workers
+    out = tmp / f"ours_w{w}.json"
+    ds = build_align_dataset(cfg, manifest, limit=(args.warmup + args.steps) * cfg.deepspeed.micro_batch * w)
+    loop = {"cfg": to_dict(cfg), "data_dir": str(Path(cfg.run_dir) / "data"), "warmup": args.warmup,
+            "steps": args.steps, "trim": args.trim, "peak_flops": _peak(args), "out": str(out),
+            "threads": threads, "prefetch_batches": cfg.ingest.prefetch_batches}
+    sc = cfg.scaling
+    trainer = TorchTrainer(
+        ray_bench_worker, train_loop_config=loop,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
+        scaling_config=ScalingConfig(num_workers=w, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker}),
+        datasets={"train": ds}, dataset_config=ingest_data_config(preserve_order=True),
+        run_config=RunConfig(name=f"bench_w{w}_{int(time.time())}", storage_path=str(tmp / "ray")))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"ours with {w} workers failed: {result.error}")
+    return summarize(json.loads(out.read_text()))
+
+
+def reference_batches(cfg, manifest: dict, world: int, per_rank: int) -> list[list[dict]]:
+    """Pre-transformed micro-batches in memory (no Ray): the first rows of the train shards through AlignTransform."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lsvcr_dist.data.manifest import shard_files
+    from lsvcr_dist.data.transforms import AlignTransform
+
+    data_dir = Path(cfg.run_dir) / "data"
+    need, mb = world * per_rank * cfg.deepspeed.micro_batch, cfg.deepspeed.micro_batch
+    tables, have = [], 0
+    for path in shard_files(data_dir, manifest, "parquet", "train"):
+        tables.append(pq.read_table(path))
+        have += tables[-1].num_rows
+        if have >= need:
+            break
+    if have < need:
+        raise ValueError(f"{data_dir}: train split has {have} rows, the reference run needs {need}")
+    rows = AlignTransform(str(data_dir), dataclasses.asdict(cfg.llm), dataclasses.asdict(cfg.comdiv),
+                          seed=cfg.seed)(pa.concat_tables(tables).slice(0, need))
+    # Rank r takes micro-batches r, r + world, ... (a DistributedSampler-like interleave).
+    mbs = [{k: v[i * mb:(i + 1) * mb] for k, v in rows.items()} for i in range(need // mb)]
+    return [mbs[r::world] for r in range(world)]
+
+
+def run_reference(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
+    """The public code's recipe with ``world`` spawned processes; returns ``bench.summarize``."""
+    import torch.multiprocessing as mp
+
+    from lsvcr_dist.config import to_dict
+    from lsvcr_dist.train.bench import reference_bench_worker, summarize
+
+    w = cfg.scaling.num_workers
+    ref = to_dict(cfg)
+    ref["deepspeed"]["zero_stage"] = 2  # the public code's ds_z2 config
+    batches = reference_batches(cfg, manifest, w, args.warmup + args.steps)
+    out = tmp / f"reference_w{w}.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(reference_bench_worker, nprocs=w, join=True,
+             args=(w, port, ref, str(Path(cfg.run_dir) / "data"), batches, args.warmup, args.steps,
+                   _peak(args), str(out), threads))
+    return summarize(json.loads(out.read_text()))
+
+
+def _cpu_peak(threads: int) -> float:
+    """fp32 matmul probe (``flops.cpu_matmul_probe``) with ``threads`` torch threads, in FLOP/s."""
+    import torch
+
+    from lsvcr_dist.flops import cpu_matmul_probe
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return cpu_matmul_probe(n=512, seconds=1.0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _peak(args) -> float:
+    """Per-device peak FLOP/s handed to the workers (0 = they detect it by CUDA device name)."""
+    return args.peak_tflops * 1e12 if args.peak_tflops else getattr(args, "cpu_peak_flops", 0.0)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Samples/s vs workers (ours, reference, ideal) with the ingest rate; efficiency in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = result["scaling"]
+    ws = sc["workers"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(ws, sc["samples_per_s"], "o-", label="ours (Ray Data + Ray Train + DeepSpeed)")
+    ax.plot(ws, [sc["samples_per_s"][0] * w for w in ws], "k:", label="ideal (linear)")
+    if sc.get("reference_samples_per_s"):
+        ax.plot(ws, sc["reference_samples_per_s"], "s--", label="reference recipe")
+    if sc.get("ingest_rows_per_s"):
+        ax.plot(ws, sc["ingest_rows_per_s"], "^-.", label="Ray Data ingest (rows/s, no model)")
+    for w, y, e in zip(ws, sc["samples_per_s"], sc["efficiency"]):
+        ax.annotate(f"eff {e:.2f}", (w, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax.set_xlabel("workers")
+    ax.set_ylabel("samples/s (ingest: rows/s)")
+    ax.set_yscale("log")
+    ax.set_xticks(ws)
+    ax.set_title(f"alignment step, {result['model']}, micro batch {result['micro_batch']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    base_cfg, args = parse("align", __doc__.splitlines()[0], argv, extra=_extra)
+    argv_overrides = list(args.overrides) + (CHATGLM3_6B_SHAPED if args.model == "chatglm3-6b-shaped" else [])
+    workers = [int(x) for x in args.workers.split(",") if x.strip()]
+    if not workers or min(workers) < 1 or args.steps < 1 or args.warmup < 0:
+        print("bench: --workers must list positive counts, --steps >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    from lsvcr_dist.config import load_config
+    from lsvcr_dist.data.manifest import read_manifest
+
+    run_dir = Path(base_cfg.run_dir)
+    init_ray(num_cpus=max(4, 2 * max(workers)))
+    ensure_data(args.config, argv_overrides, run_dir)
+    manifest = read_manifest(run_dir / "data")
+    cpus = os.cpu_count() or 1
+    runs, tmp = [], Path(tempfile.mkdtemp(prefix="lsvcr-bench-"))
+    mb = base_cfg.deepspeed.micro_batch
+    # One ingest measurement (the driver iterates the same transformed pipeline, no model), at least 256 rows so
+    # the steady rate is not three batches; the first-batch latency (actor start, tokenizer load) is reported apart.
+    print("[bench] ingest", flush=True)
+    ingest = measure_ingest(base_cfg, manifest, max(256, (args.warmup + args.steps) * mb * max(workers)))
+    for w in workers:
+        cfg = load_config(args.config, "align", argv_overrides + [f"scaling.num_workers={w}", f"global_batch={mb * w}"])
+        threads = max(1, cpus // w)  # same thread budget for both recipes: W processes share the cores
+        if not args.peak_tflops and not cfg.scaling.use_gpu:
+            # One CPU "peak" per W, probed here with the workers' thread count, shared by both recipes so their
+            # MFUs have the same denominator (a probe inside each worker is at the mercy of the box's load).
+            args.cpu_peak_flops = _cpu_peak(threads)
+        print(f"[bench] W={w}: ours", flush=True)
+        ours = run_ours(cfg, manifest, args, threads, tmp)
+        row = {"workers": w, "ingest": ingest, "ours": ours}
+        if args.reference:
+            print(f"[bench] W={w}: reference", flush=True)
+            row["reference"] = run_reference(cfg, manifest, args, threads, tmp)
+            row["ratio_ours_over_reference"] = ours["samples_per_s"] / row["reference"]["samples_per_s"]
+        print(f"[bench] W={w}: ours {ours['samples_per_s']:.2f} samples/s"
+              + (f", reference {row['reference']['samples_per_s']:.2f}" if args.reference else ""), flush=True)
+        runs.append(row)
+    one = runs[0]["ours"]["samples_per_s"] / runs[0]["workers"]  # per-worker rate at the smallest W
+    top = runs[-1]
+    result = {
+        **top["ours"],
+        "reference": top.get("reference"),
+        "ratio_ours_over_reference": top.get("ratio_ours_over_reference"),
+        "tokens_counted": "real prompt tokens (instruction + target + eos) + real text-encoder tokens",
+        "flops_counted": "model FLOPs of real tokens (lsvcr_dist/flops.py); padding/recompute not counted",
+        "model": args.model, "micro_batch": base_cfg.deepspeed.micro_batch, "warmup": args.warmup,
+        "steps": args.steps, "trim": args.trim, "zero_stage": base_cfg.deepspeed.zero_stage,
+        "scaling": {
+            "workers": [r["workers"] for r in runs],
+            "samples_per_s": [r["ours"]["samples_per_s"] for r in runs],
+            "efficiency": [r["ours"]["samples_per_s"] / (r["workers"] * one) for r in runs],
+            "reference_samples_per_s": [r["reference"]["samples_per_s"] for r in runs] if args.reference else [],
+            "ingest_rows_per_s": [r["ingest"]["rows_per_s_steady"] for r in runs],
+        },
+        "ingest": ingest,
+        "ingest_over_consumption": ingest["rows_per_s_steady"] / top["ours"]["samples_per_s"],
+        "runs": runs,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": f"{cpus} CPU cores" + (", GPU" if base_cfg.scaling.use_gpu else ", no GPU"),
+        "command": "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("samples_per_s", "tokens_per_s", "tflops", "mfu",
+                                             "ratio_ours_over_reference")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

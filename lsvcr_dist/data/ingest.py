@@ -1,0 +1,231 @@
+"""Prepared shards -> ``ray.data.Dataset`` of INSTANCE rows, validated on the driver; per-epoch worker iteration.
+
+Driver side::
+
+    ds = read_instances(run_dir / "data", "train", fmt="parquet")       # checks every shard first
+    ds = ds.map_batches(SomeTransform, batch_format="pyarrow", ...)      # uses to_numpy_batch inside
+    TorchTrainer(..., datasets={"train": ds}, dataset_config=ingest_data_config())
+
+Worker side::
+
+    shard = ray.train.get_dataset_shard("train")
+    for batch in epoch_iterator(shard, batch_size, epoch, seed, local_shuffle_buffer=256): ...
+
+Ray Train's ``DataConfig`` splits every dataset with ``streaming_split(world_size, equal=True)``: each worker gets a
+disjoint part with the same number of rows (at most ``world_size - 1`` remainder rows of an epoch are left out so
+all workers take the same number of steps; ``drop_last`` also drops each worker's last partial batch). With
+``preserve_order`` on (``ingest_data_config``) blocks go to workers greedily by rows received, so the split is
+deterministic, and the local shuffle seeded with ``seed + epoch`` makes every epoch's order reproducible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from lsvcr_dist.data.manifest import dims_of, read_manifest, shard_files
+from lsvcr_dist.data.shards import WDS_SUFFIX, ShardError, check_parquet_file, check_wds_file, decode_records, \
+    records_to_table
+from lsvcr_dist.schema import INSTANCE, TASK_COMMENT, TASK_VIDEO, SchemaError, resolve_shape
+
+FORMATS = {"parquet": "parquet", "webdataset": "webdataset", "wds": "webdataset"}
+TASKS = {"video": TASK_VIDEO, "comment": TASK_COMMENT}
+
+
+def _fmt(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown shard format '{fmt}' (use parquet or webdataset)")
+    return FORMATS[fmt]
+
+
+def validate_shards(data_dir: str | Path, split: str, fmt: str = "parquet") -> dict:
+    """Check, on the driver, that every shard of ``split`` listed in the manifest exists, is complete, has the
+    manifest's row count and the INSTANCE schema (Parquet footer / first WebDataset sample).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ShardError: naming the file (and the column for a schema mismatch).
+        ManifestError: missing manifest, unknown split or format.
+    """
+    fmt = _fmt(fmt)
+    manifest = read_manifest(data_dir)
+    dims = dims_of(manifest)
+    paths = shard_files(data_dir, manifest, fmt, split)
+    counts = manifest.get("shard_rows", {}).get(split, [None] * len(paths))
+    for path, n in zip(paths, counts):
+        if fmt == "parquet":
+            check_parquet_file(path, INSTANCE, dims, expect_rows=n)
+        else:
+            check_wds_file(path, dims, expect_rows=n)
+    return manifest
+
+
+def _decode_wds(batch: pa.Table, dims: dict[str, int]) -> pa.Table:
+    """map_batches UDF: Ray ``read_webdataset`` rows (``inst.npy`` bytes) -> INSTANCE table."""
+    urls = batch.column("__url__").to_pylist() if "__url__" in batch.column_names else []
+    source = f"{urls[0]}" if urls else "webdataset batch"
+    if WDS_SUFFIX not in batch.column_names:
+        raise ShardError(f"{source}: no '{WDS_SUFFIX}' member in samples (columns {batch.column_names})")
+    return records_to_table(decode_records(batch.column(WDS_SUFFIX).to_pylist(), dims, source), dims)
+
+
+def _filter_tasks(batch: pa.Table, codes: list[int]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["task"], pa.array(codes, pa.int64())))
+
+
+def read_instances(data_dir: str | Path, split: str, fmt: str = "parquet", tasks: list[str] | None = None,
+                   validate: bool = True, override_num_blocks: int | None = None) -> "ray.data.Dataset":
+    """Stream the INSTANCE rows of ``split`` (Arrow ``fixed_size_list`` columns) as a Ray Dataset.
+
+    Args:
+        data_dir: ``run_dir/data``.
+        split: ``train``, ``val`` or ``test``.
+        fmt: ``parquet`` or ``webdataset`` (same rows, same order).
+        tasks: keep only these tasks (``["video"]``, ``["comment"]``); None = both.
+        validate: run ``validate_shards`` on the driver first (before any worker starts).
+        override_num_blocks: Ray read parallelism (default: Ray's choice).
+
+    Returns:
+        A lazy ``ray.data.Dataset`` whose schema is ``schema.to_arrow_schema(INSTANCE, dims)``.
+
+    Raises:
+        ShardError / ManifestError: from ``validate_shards``.
+        ValueError: unknown format or task.
+    """
+    fmt = _fmt(fmt)
+    manifest = validate_shards(data_dir, split, fmt) if validate else read_manifest(data_dir)
+    dims = dims_of(manifest)
+    paths = [str(p) for p in shard_files(data_dir, manifest, fmt, split)]
+    if not paths:
+        raise ShardError(f"{data_dir}: split '{split}' has no {fmt} shards")
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(paths, override_num_blocks=override_num_blocks)
+    else:  # decoder=None: bytes stay bytes (no pickle path); we decode with allow_pickle=False
+        ds = ray.data.read_webdataset(paths, decoder=None, override_num_blocks=override_num_blocks)
+        ds = ds.map_batches(_decode_wds, fn_kwargs={"dims": dims}, batch_format="pyarrow")
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown} (known: {list(TASKS)})")
+        ds = ds.map_batches(_filter_tasks, fn_kwargs={"codes": [TASKS[t] for t in tasks]}, batch_format="pyarrow")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------- batches
+def _fixed_shape(t: pa.DataType) -> tuple[int, ...]:
+    shape = []
+    while pa.types.is_fixed_size_list(t):
+        shape.append(t.list_size)
+        t = t.value_type
+    return tuple(shape)
+
+
+def to_numpy_batch(batch: pa.Table | dict, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Arrow batch (or dict of arrays) -> ``{column: ndarray}`` with fixed-size-list columns as ``[B, ...]``.
+
+    Shapes come from the Arrow types; for INSTANCE columns they are checked against ``dims`` when given. Scalar
+    columns become ``[B]`` arrays; string columns stay object arrays. A dict input may hold object arrays of
+    per-row arrays (Ray's numpy format for fixed lists): they are stacked.
+
+    Raises:
+        SchemaError: a column's shape differs from the one ``dims`` implies (column named).
+    """
+    out: dict[str, np.ndarray] = {}
+    if isinstance(batch, dict):
+        for name, x in batch.items():
+            x = np.asarray(x)
+            out[name] = np.stack(list(x)) if x.dtype == object and len(x) and isinstance(x[0], np.ndarray) else x
+    else:
+        for name in batch.column_names:
+            col = batch.column(name)
+            shape = _fixed_shape(col.type)
+            if shape:
+                from lsvcr_dist.schema import fixed_list_to_numpy
+
+                out[name] = fixed_list_to_numpy(col, shape)
+            else:
+                out[name] = col.to_numpy() if not pa.types.is_string(col.type) else \
+                    np.asarray(col.to_pylist(), dtype=object)
+    if dims:
+        for name, x in out.items():
+            if name in INSTANCE:
+                want = resolve_shape(INSTANCE[name].shape, dims)
+                if x.shape[1:] != want:
+                    raise SchemaError(f"column '{name}': expected per-row shape {want}, got {x.shape[1:]}")
+    return out
+
+
+class InstanceCollate(ArrowBatchCollateFn):
+    """``iter_torch_batches`` collate: Arrow batch -> ``{column: torch.Tensor}`` (fixed lists as ``[B, ...]``).
+
+    Args:
+        dtypes: optional ``{column: torch.dtype}`` casts (default: the numpy dtype, int64 for ids).
+        columns: keep only these columns (default all numeric columns).
+    """
+
+    def __init__(self, dtypes: dict | None = None, columns: list[str] | None = None):
+        super().__init__()
+        self.dtypes = dtypes or {}
+        self.columns = columns
+
+    def __call__(self, batch: pa.Table) -> dict:
+        import torch
+
+        arrays = to_numpy_batch(batch if self.columns is None else batch.select(self.columns))
+        out = {}
+        for name, x in arrays.items():
+            if x.dtype == object:
+                continue  # strings never reach the model
+            # Arrow buffers are read-only; torch needs writable memory (one copy per batch)
+            x = np.ascontiguousarray(x)
+            t = torch.from_numpy(x if x.flags.writeable else x.copy())
+            out[name] = t.to(self.dtypes[name]) if name in self.dtypes else t
+        return out
+
+
+def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, local_shuffle_buffer: int = 256,
+                   collate_fn=None, dtypes: dict | None = None, prefetch_batches: int = 2, drop_last: bool = True,
+                   device: str = "auto"):
+    """One epoch over a worker's dataset shard (``ray.train.get_dataset_shard(name)``).
+
+    Args:
+        shard: the worker's ``DataIterator``.
+        batch_size: per-worker batch size.
+        epoch: epoch index; the local shuffle seed is ``seed + epoch`` (record it to replay an epoch).
+        seed: base seed (``IngestConfig.shuffle_seed``).
+        local_shuffle_buffer: rows in the local shuffle buffer; 0 = stream order (no reshuffle between epochs).
+        collate_fn: converts an Arrow batch to tensors; default ``InstanceCollate(dtypes)`` (fixed lists ->
+            ``[B, ...]`` tensors). Ray's default collate cannot handle fixed_size_list columns.
+        dtypes: torch dtypes per column for the default collate.
+        prefetch_batches: batches prefetched in the background.
+        drop_last: drop the last partial batch (every worker takes the same number of steps).
+        device: where Ray moves the tensors (``auto``: the worker's GPU if any).
+
+    Returns:
+        An iterable of ``{column: torch.Tensor}`` batches.
+    """
+    buffer = local_shuffle_buffer if local_shuffle_buffer > 0 else None
+    return shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=drop_last, prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=buffer, local_shuffle_seed=(seed + epoch) if buffer else None,
+        collate_fn=collate_fn or InstanceCollate(dtypes), device=device)
+
+
+def ingest_data_config(preserve_order: bool = True):
+    """Ray Train ``DataConfig`` splitting every dataset with ``streaming_split(equal=True)``, in deterministic
+    order (``preserve_order``): the same data and seed give every worker the same rows in the same order."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = preserve_order
+    return DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(
+        resource_limits=opts.resource_limits, exclude_resources=opts.exclude_resources,
+        preserve_order=preserve_order, verbose_progress=opts.verbose_progress))

@@ -1,0 +1,239 @@
+"""Pipeline stages with completion markers: generate -> prepare -> encode(base) -> align -> encode(aligned) ->
+fine-tune -> evaluate, each run as its own job process, skipped only when its output is complete AND valid.
+
+A stage is complete when ``run_dir/.pipeline/<stage>.json`` (written LAST, after the job succeeded and its outputs
+were checked) holds the stage's config hash and the output check still passes. The hash covers the stage's resolved
+config and the hash of the stage before it, so a changed upstream setting reruns everything downstream. A stage whose
+marker is missing, stale, or whose outputs were damaged since is rerun (its marker is removed before it starts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lsvcr_dist.config import STAGES as CONFIG_STAGES
+from lsvcr_dist.config import ConfigError, _probe, load_config, parse_overrides, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER_DIR = ".pipeline"
+
+
+class StageError(RuntimeError):
+    """A stage's job failed or left incomplete outputs; the message names the stage and what is missing."""
+
+
+def _parts(folder: Path, pattern: str) -> list[Path]:
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def check_generate(run_dir: Path, cfgs: dict) -> str | None:
+    """Raw logs: every raw table has at least one Parquet part."""
+    for t in ("videos", "comments", "video_inter", "comment_inter"):
+        if not _parts(run_dir / "raw" / t, "*.parquet"):
+            return f"no Parquet parts in {run_dir / 'raw' / t}"
+    return None
+
+
+def check_prepare(run_dir: Path, cfgs: dict) -> str | None:
+    """Prepared data: a readable manifest whose every listed shard and table exists."""
+    from lsvcr_dist.data.manifest import read_manifest
+
+    data = run_dir / "data"
+    try:
+        man = read_manifest(data)
+    except Exception as e:  # noqa: BLE001 - any manifest problem means "rerun"
+        return str(e)
+    for fmt, splits in man["shards"].items():
+        for split, files in splits.items():
+            for rel in files:
+                if not (data / rel).is_file():
+                    return f"{data / rel} listed in the manifest is missing"
+    for t in ("videos", "comments"):
+        if not (data / "tables" / f"{t}.parquet").is_file():
+            return f"{data / 'tables' / t}.parquet missing"
+    return None
+
+
+def _check_store(which: str) -> Callable[[Path, dict], str | None]:
+    def check(run_dir: Path, cfgs: dict) -> str | None:
+        from lsvcr_dist.embeddings import EmbeddingStore
+
+        try:
+            EmbeddingStore.open(run_dir / "embeddings" / which)
+        except Exception as e:  # noqa: BLE001
+            return str(e)
+        return None
+
+    check.__doc__ = f"Embedding store '{which}' opens (manifest + every shard of the right shape)."
+    return check
+
+
+def check_align(run_dir: Path, cfgs: dict) -> str | None:
+    """Aligned exports for the encode and fine-tune stages."""
+    final = run_dir / "align" / "final"
+    for rel in ("sr.safetensors", "config.yaml", "adapter/adapter_config.json"):
+        if not (final / rel).is_file():
+            return f"{final / rel} missing"
+    return None
+
+
+def check_finetune(run_dir: Path, cfgs: dict) -> str | None:
+    """A complete best model for every fine-tuned task."""
+    for task in cfgs["finetune"].tasks:
+        if not (run_dir / "finetune" / task / "best" / "COMPLETE").is_file():
+            return f"{run_dir / 'finetune' / task / 'best'} incomplete"
+    return None
+
+
+def check_evaluate(run_dir: Path, cfgs: dict) -> str | None:
+    """``eval/metrics.json`` with every fine-tuned task."""
+    path = run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        return f"{path} missing"
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"{path}: {e}"
+    missing = [t for t in cfgs["finetune"].tasks if t not in table]
+    return f"{path} lacks tasks {missing}" if missing else None
+
+
+@dataclass
+class Stage:
+    """One pipeline stage: the job script, the config section hashed, extra overrides, and an output check."""
+
+    name: str
+    job: str
+    section: str
+    check: Callable[[Path, dict], str | None]
+    extra: list[str] = field(default_factory=list)
+
+
+STAGES = [
+    Stage("generate", "generate_logs.py", "generate", check_generate),
+    Stage("prepare", "prepare_data.py", "prepare", check_prepare),
+    Stage("encode_base", "encode_text.py", "encode", _check_store("base"), ["encode.which=base"]),
+    Stage("align", "align.py", "align", check_align),
+    Stage("encode_aligned", "encode_text.py", "encode", _check_store("aligned"), ["encode.which=aligned"]),
+    Stage("finetune", "finetune.py", "finetune", check_finetune),
+    Stage("evaluate", "evaluate.py", "evaluate", check_evaluate),
+]
+
+
+def stage_overrides(section: str, overrides: list[str]) -> list[str]:
+    """The overrides a stage's job accepts: prefixed ones (its own are applied, other stages' ignored by
+    ``load_config``) and unprefixed keys that this stage's dataclass has (``max_epochs=3`` reaches fine-tune only)."""
+    out = []
+    for item, (key, _) in zip(overrides, parse_overrides(overrides)):
+        head = key.split(".", 1)[0]
+        if head in CONFIG_STAGES:
+            out.append(item)
+            continue
+        try:
+            _probe(CONFIG_STAGES[section], key)
+        except ConfigError:
+            continue
+        out.append(item)
+    return out
+
+
+def stage_hash(config: str | Path | None, stage: Stage, overrides: list[str], upstream: str) -> str:
+    """sha256 of the stage's resolved config (+ extra overrides) chained with the upstream stage's hash."""
+    cfg = load_config(config, stage.section, stage_overrides(stage.section, overrides) + stage.extra)
+    blob = json.dumps({"stage": stage.name, "cfg": to_dict(cfg), "up": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def marker_path(run_dir: Path, name: str) -> Path:
+    """``run_dir/.pipeline/<stage>.json``."""
+    return Path(run_dir) / MARKER_DIR / f"{name}.json"
+
+
+def is_done(run_dir: Path, stage: Stage, digest: str, cfgs: dict) -> tuple[bool, str]:
+    """(complete?, reason): marker present with this hash, and the output check passes."""
+    mk = marker_path(run_dir, stage.name)
+    if not mk.is_file():
+        return False, "no completion marker"
+    try:
+        rec = json.loads(mk.read_text())
+    except json.JSONDecodeError:
+        return False, "unreadable marker"
+    if rec.get("hash") != digest:
+        return False, "config changed"
+    problem = stage.check(Path(run_dir), cfgs)
+    return (False, f"output incomplete: {problem}") if problem else (True, "complete")
+
+
+def subprocess_runner(stage: Stage, argv: list[str]) -> int:
+    """Run ``python jobs/<job> argv...`` and return its exit code (output streams through)."""
+    return subprocess.call([sys.executable, str(ROOT / "jobs" / stage.job), *argv])
+
+
+def select_stages(cfgs: dict, config: str | Path | None = None) -> list[Stage]:
+    """Stages this configuration needs: no alignment stages for 'w/o Alignment' (``finetune.init=scratch``) and no
+    generation when ``prepare.raw_dir`` points at imported logs."""
+    out = []
+    for st in STAGES:
+        if st.name in ("align", "encode_aligned") and cfgs["finetune"].init == "scratch":
+            continue
+        if st.name == "generate" and cfgs["prepare"].raw_dir:
+            continue
+        out.append(st)
+    return out
+
+
+def run_pipeline(config: str | Path, overrides: list[str], runner: Callable[[Stage, list[str]], int] | None = None,
+                 stages: list[Stage] | None = None, log: Callable[[str], None] = print) -> list[tuple[str, str]]:
+    """Run (or skip) every stage in order.
+
+    Args:
+        config: preset YAML.
+        overrides: dotted overrides applied to every stage (``run_dir=...`` included).
+        runner: ``runner(stage, argv) -> exit code``; default runs the job script as a subprocess.
+        stages: stage list (default: ``select_stages``).
+        log: progress printer.
+
+    Returns:
+        ``[(stage name, "skipped" | "ran"), ...]``.
+
+    Raises:
+        StageError: a job exited non-zero or left outputs that fail the stage check.
+    """
+    runner = runner or subprocess_runner
+    cfgs = {s: load_config(config, s, overrides) for s in ("generate", "prepare", "finetune", "evaluate")}
+    run_dir = Path(cfgs["finetune"].run_dir)
+    stages = stages if stages is not None else select_stages(cfgs)
+    upstream, done = "", []
+    for st in stages:
+        digest = stage_hash(config, st, overrides, upstream)
+        ok, why = is_done(run_dir, st, digest, cfgs)
+        if ok:
+            log(f"[pipeline] {st.name}: skipped (complete, hash {digest[:10]})")
+            done.append((st.name, "skipped"))
+            upstream = digest
+            continue
+        log(f"[pipeline] {st.name}: running ({why})")
+        mk = marker_path(run_dir, st.name)
+        if mk.exists():
+            mk.unlink()  # a failed rerun must not leave the old marker claiming completion
+        t0 = time.time()
+        rc = runner(st, ["--config", str(config), *stage_overrides(st.section, overrides), *st.extra])
+        if rc != 0:
+            raise StageError(f"stage '{st.name}' (jobs/{st.job}) failed with exit code {rc}")
+        problem = st.check(run_dir, cfgs)
+        if problem:
+            raise StageError(f"stage '{st.name}' finished but its output is incomplete: {problem}")
+        mk.parent.mkdir(parents=True, exist_ok=True)
+        mk.write_text(json.dumps({"stage": st.name, "hash": digest, "wall_s": round(time.time() - t0, 2),
+                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        log(f"[pipeline] {st.name}: done in {time.time() - t0:.1f}s")
+        done.append((st.name, "ran"))
+        upstream = digest
+    return done

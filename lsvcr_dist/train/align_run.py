@@ -1,0 +1,123 @@
+"""Driver side of the alignment stage: validate prepared data, build the streamed dataset, build the TorchTrainer.
+
+Used by ``jobs/align.py`` and by the Ray integration tests (which may pass a row-limited dataset). Runs in the
+driver only; the workers run ``train/loop.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from lsvcr_dist.config import AlignStageConfig, to_dict
+from lsvcr_dist.train.checkpoint import find_latest_complete
+
+RUN_NAME = "checkpoints"
+
+
+def validate_prepared(cfg: AlignStageConfig) -> dict:
+    """Check the data manifest and every train shard's schema on the driver, before any worker starts.
+
+    Returns:
+        The data manifest.
+
+    Raises:
+        FileNotFoundError / ManifestError / ShardError: naming the file (and column) at fault.
+        ManifestError is raised for an unknown format, too.
+    """
+    from lsvcr_dist.data.ingest import validate_shards
+
+    data_dir = Path(cfg.run_dir) / "data"
+    if not (data_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{data_dir / 'manifest.json'} does not exist: run jobs/prepare_data.py first")
+    manifest = validate_shards(data_dir, "train", cfg.ingest.format)
+    if cfg.text_source == "store" and not (Path(cfg.run_dir) / "embeddings" / "base" / "manifest.json").is_file():
+        raise FileNotFoundError(f"text_source=store needs {Path(cfg.run_dir) / 'embeddings/base'}: run encode_text.py")
+    return manifest
+
+
+def build_align_dataset(cfg: AlignStageConfig, manifest: dict, limit: int | None = None):
+    """Train INSTANCE shards -> ``map_batches(AlignTransform)`` -> ALIGN_BATCH rows (a lazy ``ray.data.Dataset``).
+
+    Args:
+        cfg: alignment config (``ingest``, ``llm``, ``comdiv``, ``seed``).
+        manifest: the data manifest (lists the shards).
+        limit: keep only the first N rows (tests comparing worker counts on identical rows).
+    """
+    import ray.data
+
+    from lsvcr_dist.data.ingest import read_instances
+    from lsvcr_dist.data.transforms import AlignTransform
+
+    data_dir = Path(cfg.run_dir) / "data"
+    # validate=False: validate_prepared already checked every shard on the driver.
+    ds = read_instances(data_dir, "train", fmt=cfg.ingest.format, validate=False)
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds.map_batches(
+        AlignTransform,
+        fn_constructor_kwargs=dict(data_dir=str(data_dir), llm=asdict(cfg.llm), comdiv=asdict(cfg.comdiv),
+                                   seed=cfg.seed),
+        batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+    )
+
+
+def run_name(cfg: AlignStageConfig) -> str:
+    """Ray run name: fixed (so a new submission resumes) unless ``checkpoint.resume`` is off."""
+    return RUN_NAME if cfg.checkpoint.resume else f"{RUN_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None, fault_inject: str | None = None):
+    """The ``TorchTrainer`` of the stage (DeepSpeed inside ``train_loop_per_worker``).
+
+    Args:
+        cfg: resolved config.
+        dataset: the ALIGN_BATCH dataset (``build_align_dataset``), split across workers by Ray Train.
+        resume_from: a complete checkpoint folder to resume from (``find_latest_complete``), or None.
+        fault_inject: ``step:N`` test hook (default: the driver's ``LSVCR_FAULT_INJECT``), passed in the loop
+            config because driver environment variables do not reach already-started Ray workers.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsvcr_dist.data.ingest import ingest_data_config
+    from lsvcr_dist.train.loop import train_loop_per_worker
+
+    align_dir = (Path(cfg.run_dir) / "align").resolve()
+    align_dir.mkdir(parents=True, exist_ok=True)
+    loop_cfg = to_dict(cfg)
+    if resume_from:
+        loop_cfg["_resume_from"] = str(resume_from)
+    fault = os.environ.get("LSVCR_FAULT_INJECT", "") if fault_inject is None else fault_inject
+    if fault:
+        loop_cfg["_fault_inject"] = fault
+    sc = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
+        datasets={"train": dataset},
+        dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
+        run_config=RunConfig(
+            name=run_name(cfg), storage_path=str(align_dir),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        ),
+    )
+
+
+def run_align(cfg: AlignStageConfig, limit: int | None = None, fault_inject: str | None = None):
+    """Validate, build the dataset and trainer, resume if a complete checkpoint exists, ``fit()``.
+
+    Returns:
+        The Ray ``Result``.
+    """
+    manifest = validate_prepared(cfg)
+    ds = build_align_dataset(cfg, manifest, limit)
+    resume = find_latest_complete(Path(cfg.run_dir) / "align") if cfg.checkpoint.resume else None
+    return build_trainer(cfg, ds, str(resume) if resume else None, fault_inject).fit()

@@ -1,0 +1,276 @@
+"""Alignment ``train_loop_per_worker`` (Ray Train + DeepSpeed): setup, epochs of streamed batches, logging, checkpoints.
+
+Each worker rebuilds the config from its argument, builds tokenizer / LLM + LoRA / SR inside the process (seeded,
+so all ranks start identical), wraps them in one DeepSpeed engine and streams ``get_dataset_shard("train")``.
+Per micro-batch: forward, all-gather of s, s~, e (negatives = every worker's micro-batch), L_ALI (Eq. 16),
+``engine.backward`` / ``engine.step``. DeepSpeed accumulates ``global_batch / (micro_batch * workers)`` micro-batches
+per optimizer step. Resume sources: ``ray.train.get_checkpoint()`` (FailureConfig restarts and same-name runs) and
+``config["_resume_from"]`` (the latest complete checkpoint the driver found under ``run_dir/align``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from lsvcr_dist.config import from_dict
+from lsvcr_dist.train.align_step import micro_step, reduce_metrics, seed_micro_step, text_inputs, to_tensors
+from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
+
+FAULT_ENV = "LSVCR_FAULT_INJECT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by ``LSVCR_FAULT_INJECT=step:N`` to exercise FailureConfig restarts."""
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, current epoch, micro-batches of that epoch consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+
+
+@dataclass
+class Worker:
+    """Everything one worker built in ``setup``."""
+
+    cfg: object
+    rank: int
+    world: int
+    device: torch.device
+    engine: object
+    loss_fn: object
+    encode_texts: object
+    num_videos: int
+    accum: int
+    align_dir: Path
+    manifest_path: Path
+    fault_inject: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def setup(config: dict) -> tuple[Worker, Position]:
+    """Build model, engine and loss inside the worker and restore the latest checkpoint if any."""
+    from lsvcr_dist.data.manifest import manifest_path, read_manifest
+    from lsvcr_dist.losses import AlignmentLoss
+    from lsvcr_dist.models.align_model import build_align_model
+    from lsvcr_dist.train.engine import initialize_engine
+
+    config = dict(config)
+    resume_from = config.pop("_resume_from", None)
+    fault = config.pop("_fault_inject", "") or ""
+    cfg = from_dict("align", config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    data_dir = Path(cfg.run_dir) / "data"
+    manifest = read_manifest(data_dir)
+    nv, nc = int(manifest["num_videos"]), int(manifest["num_comments"])
+    text_table = None
+    if cfg.text_source == "store":
+        from lsvcr_dist.embeddings import EmbeddingStore
+
+        text_table = EmbeddingStore.open(Path(cfg.run_dir) / "embeddings" / "base").as_tensor().float()
+    tok, model = build_align_model(cfg, nv, text_table)
+    encode = None
+    if cfg.text_source == "online":
+        from lsvcr_dist.data.transforms import TextLookup, TextTokenizer
+
+        encode = TextTokenizer(tok, TextLookup(data_dir, nv, nc), cfg.llm.max_text_len).tokenize
+    engine, ds_cfg = initialize_engine(model, cfg, world, device.type, total_steps=cfg.max_steps)
+    w = Worker(cfg, rank, world, device, engine, AlignmentLoss.from_config(cfg.loss), encode, nv,
+               ds_cfg["gradient_accumulation_steps"], Path(cfg.run_dir) / "align", manifest_path(data_dir), fault)
+    return w, restore(w, resume_from)
+
+
+def _pick_checkpoint(resume_from: str | None) -> str | None:
+    """The resume path with the higher step among Ray's latest checkpoint and the driver's pick."""
+    cands = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        cands.append(ckpt.path)
+    if resume_from:
+        cands.append(resume_from)
+    best, best_step = None, -1
+    for c in cands:
+        step = int(read_state(c)["step"])
+        if step > best_step:
+            best, best_step = c, step
+    return best
+
+
+def restore(w: Worker, resume_from: str | None) -> Position:
+    """Load the latest complete checkpoint into the engine (all ranks); trim metric lines past it (rank 0)."""
+    path = _pick_checkpoint(resume_from)
+    if path is None:
+        return Position()
+    state = restore_checkpoint(w.engine, path)
+    if state.get("world_size") != w.world or state.get("global_batch") != w.cfg.global_batch:
+        raise RuntimeError(
+            f"checkpoint {path} was written with world_size={state.get('world_size')}, global_batch="
+            f"{state.get('global_batch')}; this run has {w.world}, {w.cfg.global_batch} (the data position would"
+            " not line up)")
+    pos = Position(int(state["step"]), int(state["epoch"]), int(state["micro_in_epoch"]))
+    if w.rank == 0:
+        _trim_metrics(w.align_dir / "metrics.jsonl", pos.step)
+        print(f"[align] resumed from {path} at step {pos.step} (epoch {pos.epoch}, micro {pos.micro_in_epoch})")
+    return pos
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop lines of steps after ``step`` (they are recomputed after a restart), so each step appears once."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    dropped = [ln for ln in lines if json.loads(ln)["step"] > step]
+    if dropped:  # kept for audit (and the resume test): what the failed attempt logged
+        with open(path.with_name("metrics.replaced.jsonl"), "a") as f:
+            f.write("".join(ln + "\n" for ln in dropped))
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ------------------------------------------------------------------------------------------------ logging / faults
+def log_metrics(w: Worker, metrics: dict) -> None:
+    """Rank 0 appends one JSON line to ``run_dir/align/metrics.jsonl`` and prints a progress line."""
+    if w.rank != 0:
+        return
+    w.align_dir.mkdir(parents=True, exist_ok=True)
+    with open(w.align_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    print(f"[align] step {metrics['step']}/{w.cfg.max_steps} loss {metrics['loss']:.4f} lm {metrics['loss_lm']:.4f}"
+          f" sr {metrics['loss_sr']:.4f} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+
+
+def maybe_inject_fault(w: Worker, step: int) -> None:
+    """``LSVCR_FAULT_INJECT=step:N``: rank 1 (rank 0 if alone) raises once at step N; a marker file in
+    ``run_dir/align`` keeps the restarted attempt from raising again."""
+    spec = w.fault_inject or os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("step:") or step != int(spec.split(":", 1)[1]):
+        return
+    if w.rank != min(1, w.world - 1):
+        return
+    marker = w.align_dir / f".fault_injected_step_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(time.time()))
+    raise InjectedFault(f"{FAULT_ENV}: injected failure on rank {w.rank} at step {step}")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+def checkpoint(w: Worker, pos: Position, metrics: dict) -> None:
+    """Every rank stages its shard; rank 0 adds exports + state + COMPLETE; all report to Ray (merged dir)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"lsvcr-align-r{w.rank}-"))
+    try:
+        state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
+                 "seed": w.cfg.seed, "global_batch": w.cfg.global_batch, "metrics": metrics,
+                 "rng": "re-derived per micro-step from (seed, rank, micro index)"}
+        save_checkpoint(w.engine, w.engine.module, tmp, w.cfg, state, w.manifest_path)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                         checkpoint_dir_name=f"step_{pos.step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def _all_have_batch(has: bool, device) -> bool:
+    """True when every rank got a micro-batch (equal steps on all ranks, so no rank waits in a collective)."""
+    t = torch.tensor([1 if has else 0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _batches(w: Worker, epoch: int):
+    shard = ray.train.get_dataset_shard("train")
+    ing = w.cfg.ingest
+    kw = dict(batch_size=w.cfg.deepspeed.micro_batch, drop_last=True, prefetch_batches=ing.prefetch_batches)
+    if ing.local_shuffle_buffer > 0:
+        kw.update(local_shuffle_buffer_size=ing.local_shuffle_buffer, local_shuffle_seed=ing.shuffle_seed + epoch)
+    it = iter(shard.iter_torch_batches(**kw))
+    while True:
+        batch = next(it, None)
+        if not _all_have_batch(batch is not None, w.device):
+            return
+        yield batch
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: ``config`` is ``to_dict(AlignStageConfig)`` (+ optional ``_resume_from``, ``_fault_inject``).
+
+    Runs until ``max_steps`` optimizer steps (epochs of the streamed dataset repeat as needed), logging every
+    ``log_every`` steps and checkpointing every ``checkpoint.every_steps`` and at the end; then writes
+    ``run_dir/align/final/``.
+    """
+    w, pos = setup(config)
+    cfg = w.cfg
+    zero = w.engine.zero_optimization_stage()
+    fp_start = base_fingerprint(w.engine.module, zero)
+    if pos.step >= cfg.max_steps:
+        print(f"[align] rank {w.rank}: already at step {pos.step} >= max_steps={cfg.max_steps}")
+    pending: list[dict] = []
+    skip, micro_index = pos.micro_in_epoch, pos.step * w.accum
+    t_last, samples, tokens = time.time(), 0.0, 0.0
+    while pos.step < cfg.max_steps:
+        pos.micro_in_epoch = 0
+        for batch in _batches(w, pos.epoch):
+            if pos.micro_in_epoch < skip:  # resume mid-epoch: these micro-batches were consumed before
+                pos.micro_in_epoch += 1
+                continue
+            seed_micro_step(cfg.seed, w.rank, micro_index)
+            pending.append(micro_step(w.engine, w.loss_fn, to_tensors(batch, w.device),
+                                      text_inputs(batch, w.num_videos, w.encode_texts, w.device), cfg.rand_pos))
+            micro_index += 1
+            pos.micro_in_epoch += 1
+            if len(pending) < w.accum:
+                continue
+            pos.step += 1
+            red = reduce_metrics(pending, cfg.loss.lm_reduction, w.device)
+            pending = []
+            maybe_inject_fault(w, pos.step)
+            samples += red["samples"]
+            tokens += red["tokens"]
+            ckpt_now = pos.step % cfg.checkpoint.every_steps == 0 or pos.step >= cfg.max_steps
+            if pos.step % cfg.log_every == 0 or ckpt_now:
+                dt = max(time.time() - t_last, 1e-9)
+                metrics = {"step": pos.step, "epoch": pos.epoch, **{k: red[k] for k in (
+                    "loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr")},
+                    "lr": float(w.engine.get_lr()[0]), "samples_per_s": samples / dt, "tokens_per_s": tokens / dt,
+                    "pool_size": cfg.deepspeed.micro_batch * w.world, "world_size": w.world}
+                t_last, samples, tokens = time.time(), 0.0, 0.0
+                log_metrics(w, metrics)
+                if ckpt_now:
+                    checkpoint(w, pos, metrics)
+                else:
+                    ray.train.report(metrics)
+            if pos.step >= cfg.max_steps:
+                break
+        if pos.micro_in_epoch == 0 and skip == 0:
+            raise RuntimeError(
+                f"the train shard of rank {w.rank} yielded no full micro-batch of {cfg.deepspeed.micro_batch} rows"
+                f" in epoch {pos.epoch}: too little data for {w.world} workers")
+        skip = 0
+        if pos.step < cfg.max_steps:
+            pos.epoch += 1
+    final = write_final(w.engine.module, w.align_dir, cfg, w.manifest_path, zero, write=w.rank == 0)
+    fp_end = base_fingerprint(w.engine.module, zero)
+    if w.rank == 0:
+        n_train = sum(p.numel() for p in w.engine.module.parameters() if p.requires_grad)
+        (final / "train_summary.json").write_text(json.dumps({
+            "step": pos.step, "epoch": pos.epoch, "world_size": w.world, "zero_stage": zero,
+            "trainable_params": n_train, "base_fingerprint_start": fp_start, "base_fingerprint_end": fp_end}))
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,81 @@
+"""EmbeddingStore / EmbeddingWriter: order-free shard writes, row 0 zeros, lookups, errors naming the text id."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lsvcr_dist.embeddings import EmbeddingError, EmbeddingStore, EmbeddingWriter
+
+NV, NC, DIM = 3, 4, 5  # 7 texts, rows 0..7
+
+
+def _vec(ids):
+    """Vector of text id i: [i, i + 0.5, -i, 0.25 i, 1] (exact in fp16)."""
+    ids = np.asarray(ids, dtype=np.float32)
+    return np.stack([ids, ids + 0.5, -ids, 0.25 * ids, np.ones_like(ids)], 1)
+
+
+def _write(path, order, shard_rows=3):
+    w = EmbeddingWriter(path, DIM, NV, NC, shard_rows=shard_rows, meta={"model": "m", "kind": "tiny_glm",
+                                                                      "pooling": "mean", "projected": False})
+    for chunk in np.array_split(np.asarray(order), 3):
+        w.write(chunk, _vec(chunk))
+    return w.close()
+
+
+def test_roundtrip_out_of_order_across_shards(tmp_path):
+    man = _write(tmp_path / "s", [7, 2, 5, 1, 6, 3, 4])
+    assert man["count"] == 7 and man["dim"] == DIM and man["dtype"] == "float16" and man["adapter"] is None
+    assert [s["rows"] for s in man["shards"]] == [3, 3, 2]  # 8 rows over shards of 3
+    on_disk = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert on_disk["num_videos"] == NV and on_disk["num_comments"] == NC and on_disk["model"] == "m"
+    store = EmbeddingStore.open(tmp_path / "s")
+    assert (store.dim, store.count) == (DIM, 7)
+    got = store.lookup(np.array([[0, 7], [3, 3]]))
+    assert got.shape == (2, 2, DIM) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0, 0], np.zeros(DIM))
+    np.testing.assert_array_equal(got[0, 1], _vec([7])[0])
+    np.testing.assert_array_equal(got[1, 0], _vec([3])[0])
+    t = store.as_tensor()
+    assert tuple(t.shape) == (8, DIM) and float(t[0].abs().sum()) == 0.0
+    np.testing.assert_array_equal(t.numpy()[1:], _vec(np.arange(1, 8)))
+    assert isinstance(store.shards[0], np.memmap)
+    with pytest.raises(EmbeddingError, match="text id 8 outside 0..7"):
+        store.lookup(np.array([8]))
+
+
+def test_non_finite_vectors_name_the_text_id(tmp_path):
+    w = EmbeddingWriter(tmp_path / "s", DIM, NV, NC, shard_rows=4)
+    v = _vec([1, 2])
+    v[1, 3] = np.nan
+    with pytest.raises(EmbeddingError, match="non-finite vector \\(input\\) for text id 2"):
+        w.write(np.array([1, 2]), v)
+    big = _vec([5])
+    big[0, 0] = 1e6  # finite in fp32, inf in fp16
+    with pytest.raises(EmbeddingError, match="non-finite vector \\(fp16 cast\\) for text id 5"):
+        w.write(np.array([5]), big)
+
+
+def test_duplicates_missing_and_range_are_errors(tmp_path):
+    w = EmbeddingWriter(tmp_path / "s", DIM, NV, NC, shard_rows=4)
+    w.write(np.array([1, 2]), _vec([1, 2]))
+    with pytest.raises(EmbeddingError, match="text id 2 written twice"):
+        w.write(np.array([2]), _vec([2]))
+    with pytest.raises(EmbeddingError, match="text id 4 written twice"):
+        w.write(np.array([4, 4]), _vec([4, 4]))
+    with pytest.raises(EmbeddingError, match="text id 0 outside 1..7"):
+        w.write(np.array([0]), _vec([0]))
+    with pytest.raises(EmbeddingError, match=r"5 text ids never written, e.g. \[3, 4, 5, 6, 7\]"):
+        w.close()
+    with pytest.raises(FileNotFoundError, match="no embedding store manifest"):
+        EmbeddingStore.open(tmp_path / "s")  # an unfinished store never opens
+
+
+def test_open_checks_shards_against_manifest(tmp_path):
+    _write(tmp_path / "s", range(1, 8))
+    np.save(tmp_path / "s" / "shard-00001.npy", np.zeros((2, DIM), np.float16))
+    with pytest.raises(EmbeddingError, match=r"shard-00001.npy: float16 \(2, 5\), manifest says float16 \(3, 5\)"):
+        EmbeddingStore.open(tmp_path / "s")

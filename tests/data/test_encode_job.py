@@ -1,0 +1,129 @@
+"""encode_text: base / aligned stores over every text of the manifest (local path and the Ray Data job)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _llm_fakes import NC, NV, make_data_dir  # noqa: E402
+
+from lsvcr_dist.config import EncodeConfig, LLMConfig, LoRAConfig, SRConfig  # noqa: E402
+from lsvcr_dist.embeddings import EmbeddingStore  # noqa: E402
+from lsvcr_dist.encode import TextEncoder, aligned_paths, encode_texts_local  # noqa: E402
+from lsvcr_dist.models.builders import build_sr_model_from_config  # noqa: E402
+from lsvcr_dist.models.llm_builders import apply_lora, build_causal_lm, build_tokenizer  # noqa: E402
+from lsvcr_dist.models.llm_rec import LLMRecommender  # noqa: E402
+
+LLM = LLMConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_size=48, max_text_len=8)
+SR = SRConfig(dim=8, text_dim=6, text_mlp_hidden=10)
+
+
+def _cfg(run_dir, which="base", **kw):
+    return EncodeConfig(run_dir=str(run_dir), seed=7, llm=LLM, lora=LoRAConfig(r=2, alpha=4, dropout=0.0), sr=SR,
+                        which=which, batch_size=5, shard_rows=7, **kw)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    make_data_dir(root)
+    return root
+
+
+def _reference(run_dir, ids, adapter=None, mlp=None):
+    """LLM(t) the slow way: tokenize each text alone, run the (peft) model, mean-pool, optional text MLP."""
+    tok = build_tokenizer(LLM)
+    lm = build_causal_lm(LLM, tok, torch.float32, seed=7)
+    if adapter is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, adapter)
+    rec = LLMRecommender(lm, 32, 1).eval()
+    texts = [f"video {i} " + ["cats", "skiing", "noodles", "guitar", "cars", "travel"][i - 1] if i <= NV
+             else f"comment {i - NV}" for i in ids]
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=8)
+            v = rec.encode_text(enc["input_ids"], enc["attention_mask"])
+            out.append(mlp(v) if mlp is not None else v)
+    return torch.cat(out).numpy()
+
+
+def test_base_store_covers_every_text_once(run_dir):
+    man = encode_texts_local(_cfg(run_dir), log=lambda *_: None)
+    store = EmbeddingStore.open(Path(run_dir) / "embeddings" / "base")
+    assert store.count == NV + NC == man["count"] and store.dim == 32
+    assert man["projected"] is False and man["adapter"] is None and man["pooling"] == "mean"
+    assert man["model"] == "tiny_glm(h=32,layers=1,seed=7)" and len(man["shards"]) == 3  # 19 rows / 7
+    table = store.as_tensor().numpy()
+    assert np.isfinite(table).all() and (table[0] == 0).all() and (np.abs(table[1:]).sum(1) > 0).all()
+    ids = np.array([1, 6, NV + 1, NV + 12])
+    np.testing.assert_allclose(store.lookup(ids), _reference(run_dir, ids), rtol=2e-3, atol=2e-3)  # fp16 store
+
+
+def test_aligned_store_is_projected_by_the_aligned_text_mlp(run_dir):
+    final = Path(run_dir) / "align" / "final"
+    with pytest.raises(FileNotFoundError, match="run jobs/align.py first"):
+        aligned_paths(run_dir)
+    tok = build_tokenizer(LLM)
+    peft_lm = apply_lora(build_causal_lm(LLM, tok, torch.float32, seed=7), LoRAConfig(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft_lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft_lm.save_pretrained(str(final / "adapter"))
+    torch.manual_seed(0)
+    sr = build_sr_model_from_config(SR, text_in_dim=32)
+    with torch.no_grad():  # O(1) outputs (the 0.02 init gives ~1e-3 vectors, too close to fp16 resolution)
+        for p in sr.text_mlp.parameters():
+            p.normal_(0, 0.3)
+    save_file({k: v.contiguous() for k, v in sr.state_dict().items()}, str(final / "sr.safetensors"))
+
+    man = encode_texts_local(_cfg(run_dir, "aligned"), log=lambda *_: None)
+    store = EmbeddingStore.open(Path(run_dir) / "embeddings" / "aligned")
+    assert store.dim == 6 and man["projected"] is True and man["adapter"] == str(final / "adapter")
+    ids = np.array([2, NV + 5])
+    expected = _reference(run_dir, ids, adapter=str(final / "adapter"), mlp=sr.text_mlp.eval())
+    np.testing.assert_allclose(store.lookup(ids), expected, rtol=2e-3, atol=2e-3)
+    # The adapter matters: the base LLM through the same MLP gives other vectors.
+    base_mlp = _reference(run_dir, ids, mlp=sr.text_mlp.eval())
+    assert np.abs(store.lookup(ids) - base_mlp).max() > 1e-2
+
+
+def test_bad_which_and_missing_mlp_weights(run_dir, tmp_path):
+    kw = dict(data_dir=str(Path(run_dir) / "data"), llm=dataclasses.asdict(LLM), seed=7)
+    with pytest.raises(ValueError, match="encode.which must be 'base' or 'aligned'"):
+        TextEncoder(which="both", **kw)
+    save_file({"merge.weight": torch.zeros(2, 2)}, str(tmp_path / "sr.safetensors"))
+    with pytest.raises(KeyError, match="no 'text_mlp.\\*' weights"):
+        TextEncoder(which="aligned", adapter=str(Path(run_dir) / "align" / "final" / "adapter"),
+                    sr_file=str(tmp_path / "sr.safetensors"), sr=dataclasses.asdict(SR), **kw)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_encode_job_on_ray_matches_local(ray_local, run_dir, capsys):
+    import encode_text  # jobs/ is on sys.path (tests/conftest.py)
+
+    root = Path(__file__).resolve().parents[2]
+    out = Path(run_dir) / "ray_run"
+    make_data_dir(out)
+    argv = ["--config", str(root / "jobs" / "configs" / "tiny.yaml"), f"run_dir={out}", "seed=7", "batch_size=5",
+            "num_actors=2", "shard_rows=7", "llm.hidden_size=32", "llm.num_layers=1", "llm.ffn_size=48",
+            "llm.max_text_len=8"]
+    assert encode_text.main(argv) == 0
+    assert '"count": 18' in capsys.readouterr().out
+    ray_store = EmbeddingStore.open(out / "embeddings" / "base")
+    local = EmbeddingStore.open(Path(run_dir) / "embeddings" / "base")
+    assert ray_store.count == NV + NC and ray_store.manifest["which"] == "base"
+    np.testing.assert_array_equal(ray_store.as_tensor().numpy(), local.as_tensor().numpy())
+    assert encode_text.main(argv[:3] + ["which=aligned"]) == 1  # no aligned checkpoint: one clear error line
+    assert "run jobs/align.py first" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Shard formats: Parquet/WebDataset round trips, integrity checks naming the file and the column (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lsvcr_dist.data import shards
+from lsvcr_dist.data.shards import ShardError
+from lsvcr_dist.schema import INSTANCE, numpy_to_table, resolve_shape
+
+DIMS = {"L": 3, "LA": 2, "K": 2, "P": 2, "NV": 4, "NC": 5, "NT": 3}
+
+
+def make_table(n: int = 7, seed: int = 0) -> pa.Table:
+    """INSTANCE rows with distinct values in every cell (so any mix-up of rows or columns shows)."""
+    rng = np.random.default_rng(seed)
+    cols = {name: rng.integers(0, 10_000, size=(n, *resolve_shape(col.shape, DIMS))) for name, col in INSTANCE.items()}
+    cols["user_id"] = np.arange(1, n + 1)
+    return numpy_to_table(cols, INSTANCE, DIMS)
+
+
+def test_wds_and_parquet_round_trip_identical(tmp_path):
+    t = make_table()
+    shards.write_parquet_shard(tmp_path / "a.parquet", t, DIMS)
+    shards.write_wds_shard(tmp_path / "a.tar", t, DIMS)
+    assert shards.check_parquet_file(tmp_path / "a.parquet", INSTANCE, DIMS, expect_rows=7) == 7
+    assert shards.check_wds_file(tmp_path / "a.tar", DIMS, expect_rows=7) == 7
+    from_pq = pq.read_table(tmp_path / "a.parquet")
+    from_wds = shards.read_wds_file(tmp_path / "a.tar", DIMS)
+    assert from_pq.equals(t)
+    assert from_wds.equals(t)
+    # the encoding is documented: one <key>.inst.npy per sample, a structured record naming every column
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        names = tar.getnames()
+        rec = np.load(io.BytesIO(tar.extractfile(names[0]).read()), allow_pickle=False)
+    assert len(names) == 7 and all(n.endswith(".inst.npy") for n in names)
+    assert rec.dtype.names == tuple(INSTANCE) and rec["comment_hist_comments"].shape == (1, 3, 2)
+    assert int(rec["user_id"][0]) == 1
+
+
+def test_truncated_parquet_names_file(tmp_path):
+    p = tmp_path / "part-00000.parquet"
+    shards.write_parquet_shard(p, make_table(), DIMS)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"part-00000\.parquet: truncated or corrupt Parquet"):
+        shards.check_parquet_file(p, INSTANCE, DIMS)
+
+
+def test_parquet_missing_column_names_file_and_column(tmp_path):
+    p = tmp_path / "part-00001.parquet"
+    pq.write_table(make_table().drop_columns(["cand_videos"]), p)
+    with pytest.raises(ShardError, match=r"part-00001\.parquet.*missing column 'cand_videos'"):
+        shards.check_parquet_file(p, INSTANCE, DIMS)
+
+
+def test_parquet_row_count_mismatch(tmp_path):
+    p = tmp_path / "x.parquet"
+    shards.write_parquet_shard(p, make_table(5), DIMS)
+    with pytest.raises(ShardError, match=r"x\.parquet: 5 rows, the manifest says 6"):
+        shards.check_parquet_file(p, INSTANCE, DIMS, expect_rows=6)
+
+
+def test_truncated_wds_names_file(tmp_path):
+    p = tmp_path / "shard-00003.tar"
+    shards.write_wds_shard(p, make_table(), DIMS)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match=r"shard-00003\.tar: truncated"):
+        shards.check_wds_file(p, DIMS)
+
+
+def test_wds_missing_column_names_file_and_column(tmp_path):
+    t = make_table(2)
+    rec = shards.table_to_records(t, DIMS)
+    keep = [n for n in rec.dtype.names if n != "target_comments"]
+    bad = np.empty(2, dtype=[(n, rec.dtype.fields[n][0]) for n in keep])
+    for n in keep:
+        bad[n] = rec[n]
+    p = tmp_path / "shard-00009.tar"
+    with tarfile.open(p, "w") as tar:
+        for i in range(2):
+            blob = shards.encode_record(bad[i])
+            info = tarfile.TarInfo(f"k{i}.inst.npy")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(ShardError, match=r"shard-00009\.tar.*missing column 'target_comments'"):
+        shards.check_wds_file(p, DIMS)
+    with pytest.raises(ShardError, match=r"src sample 0: schema mismatch: missing column 'target_comments'"):
+        shards.decode_records([shards.encode_record(bad[0])], DIMS, "src")
+
+
+def test_wds_wrong_shape_named():
+    other = dict(DIMS, NV=6)
+    rec = shards.table_to_records(numpy_to_table(
+        {n: np.zeros((1, *resolve_shape(c.shape, other)), np.int64) for n, c in INSTANCE.items()}, INSTANCE, other),
+        other)
+    with pytest.raises(ShardError, match=r"column 'cand_videos': expected int64\(4,\), found int64\(6,\)"):
+        shards.decode_records([shards.encode_record(rec[0])], DIMS, "s")
+
+
+def test_missing_shard_file_named(tmp_path):
+    with pytest.raises(ShardError, match=r"nope\.parquet: file listed in the manifest does not exist"):
+        shards.check_parquet_file(tmp_path / "nope.parquet", INSTANCE, DIMS)

@@ -1,0 +1,117 @@
+"""Pipeline skip/marker logic with fake stages (no real jobs run here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lsvcr_dist.config import load_config
+from lsvcr_dist.stages import (
+    Stage, StageError, is_done, marker_path, run_pipeline, select_stages, stage_hash, stage_overrides)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+
+
+def _exists(rel: str):
+    def check(run_dir: Path, cfgs: dict):
+        return None if (run_dir / rel).is_file() else f"{run_dir / rel} missing"
+    return check
+
+
+STAGES = [
+    Stage("one", "one.py", "generate", _exists("a/out.txt")),
+    Stage("two", "two.py", "prepare", _exists("b/out.txt")),
+    Stage("three", "three.py", "finetune", _exists("c/out.txt")),
+]
+OUT = {"one": "a/out.txt", "two": "b/out.txt", "three": "c/out.txt"}
+
+
+class FakeRunner:
+    """Records the stages run; writes each stage's output unless told to fail or to leave it out."""
+
+    def __init__(self, run_dir: Path, fail: str = "", skip_output: str = ""):
+        self.run_dir, self.fail, self.skip_output, self.calls = run_dir, fail, skip_output, []
+
+    def __call__(self, stage: Stage, argv: list[str]) -> int:
+        self.calls.append((stage.name, argv))
+        if stage.name == self.fail:
+            return 3
+        if stage.name != self.skip_output:
+            out = self.run_dir / OUT[stage.name]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("ok")
+        return 0
+
+
+def _run(tmp_path, overrides=(), **kw):
+    runner = FakeRunner(tmp_path, **kw)
+    res = run_pipeline(TINY, [f"run_dir={tmp_path}", *overrides], runner=runner, stages=STAGES, log=lambda s: None)
+    return res, runner
+
+
+def test_second_run_skips_everything(tmp_path):
+    res, r1 = _run(tmp_path)
+    assert res == [("one", "ran"), ("two", "ran"), ("three", "ran")]
+    assert [c[0] for c in r1.calls] == ["one", "two", "three"]
+    assert r1.calls[0][1][:2] == ["--config", str(TINY)] and f"run_dir={tmp_path}" in r1.calls[0][1]
+    res, r2 = _run(tmp_path)
+    assert res == [("one", "skipped"), ("two", "skipped"), ("three", "skipped")] and r2.calls == []
+    rec = json.loads(marker_path(tmp_path, "two").read_text())
+    assert rec["stage"] == "two" and len(rec["hash"]) == 64
+
+
+def test_incomplete_output_is_rerun(tmp_path):
+    _run(tmp_path)
+    (tmp_path / "b" / "out.txt").unlink()  # stage two's output damaged after it completed
+    res, r = _run(tmp_path)
+    assert res == [("one", "skipped"), ("two", "ran"), ("three", "skipped")]
+    assert [c[0] for c in r.calls] == ["two"]
+
+
+def test_config_change_reruns_stage_and_downstream(tmp_path):
+    _run(tmp_path)
+    res, r = _run(tmp_path, ["prepare.shard_rows=123"])
+    assert res == [("one", "skipped"), ("two", "ran"), ("three", "ran")]
+    # a fine-tune-only override leaves generate and prepare alone
+    res, r = _run(tmp_path, ["prepare.shard_rows=123", "finetune.max_epochs=2"])
+    assert res == [("one", "skipped"), ("two", "skipped"), ("three", "ran")]
+
+
+def test_failed_job_leaves_no_marker_and_is_rerun(tmp_path):
+    with pytest.raises(StageError, match=r"stage 'two' \(jobs/two.py\) failed with exit code 3"):
+        _run(tmp_path, fail="two")
+    assert marker_path(tmp_path, "one").is_file() and not marker_path(tmp_path, "two").exists()
+    res, r = _run(tmp_path)
+    assert res == [("one", "skipped"), ("two", "ran"), ("three", "ran")]
+
+
+def test_job_that_exits_0_with_missing_output_fails(tmp_path):
+    with pytest.raises(StageError, match=r"stage 'three' finished but its output is incomplete: .*c/out.txt missing"):
+        _run(tmp_path, skip_output="three")
+    assert not marker_path(tmp_path, "three").exists()
+
+
+def test_stale_marker_removed_before_rerun(tmp_path):
+    _run(tmp_path)
+    (tmp_path / "c" / "out.txt").unlink()
+    with pytest.raises(StageError):
+        _run(tmp_path, fail="three")  # the rerun fails: the old marker must not survive
+    assert not marker_path(tmp_path, "three").exists()
+    cfgs = {"finetune": load_config(TINY, "finetune", [f"run_dir={tmp_path}"])}
+    digest = stage_hash(TINY, STAGES[2], [f"run_dir={tmp_path}"], "x")
+    assert is_done(tmp_path, STAGES[2], digest, cfgs) == (False, "no completion marker")
+
+
+def test_stage_selection_and_override_routing(tmp_path):
+    base = {s: load_config(TINY, s, [f"run_dir={tmp_path}"]) for s in ("generate", "prepare", "finetune")}
+    names = [s.name for s in select_stages(base)]
+    assert names == ["generate", "prepare", "encode_base", "align", "encode_aligned", "finetune", "evaluate"]
+    scratch = {**base, "finetune": load_config(TINY, "finetune", ["init=scratch"])}
+    assert "align" not in [s.name for s in select_stages(scratch)]
+    imported = {**base, "prepare": load_config(TINY, "prepare", ["raw_dir=/x"])}
+    assert [s.name for s in select_stages(imported)][0] == "prepare"
+    assert stage_overrides("generate", ["run_dir=x", "max_epochs=3", "finetune.patience=1", "num_users=5"]) == [
+        "run_dir=x", "finetune.patience=1", "num_users=5"]
