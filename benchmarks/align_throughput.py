@@ -50,6 +50,8 @@ def _extra(p) -> None:
                         "chatglm3-6b-shaped: random GLM with ChatGLM3-6B's shapes")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak; 0 = H100/H200 bf16 989.4 by name on CUDA, fp32 matmul probe on CPU")
+    p.add_argument("--ingest-rows", type=int, default=256,
+                   help="rows of the ingest-rate measurement (at least the run's own rows)")
     p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
 
 
@@ -115,7 +117,8 @@ def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
     trainer = TorchTrainer(
         ray_bench_worker, train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
-        scaling_config=ScalingConfig(num_workers=w, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=w, use_gpu=sc.use_gpu,
+                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
         datasets={"train": ds}, dataset_config=ingest_data_config(preserve_order=True),
         run_config=RunConfig(name=f"bench_w{w}_{int(time.time())}", storage_path=str(tmp / "ray")))
     result = trainer.fit()
@@ -235,10 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     runs, tmp = [], Path(tempfile.mkdtemp(prefix="lsvcr-bench-"))
     mb = base_cfg.deepspeed.micro_batch
-    # One ingest measurement (the driver iterates the same transformed pipeline, no model), at least 256 rows so
-    # the steady rate is not three batches; the first-batch latency (actor start, tokenizer load) is reported apart.
+    # One ingest measurement (the driver iterates the same transformed pipeline, no model), --ingest-rows so the
+    # steady rate is not three batches; the first-batch latency (actor start, tokenizer load) is reported apart.
     print("[bench] ingest", flush=True)
-    ingest = measure_ingest(base_cfg, manifest, max(256, (args.warmup + args.steps) * mb * max(workers)))
+    phases = {}
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    ingest = measure_ingest(base_cfg, manifest, max(args.ingest_rows, (args.warmup + args.steps) * mb * max(workers)))
+    phases["ingest"] = time.perf_counter() - t0
     for w in workers:
         cfg = load_config(args.config, "align", argv_overrides + [f"scaling.num_workers={w}", f"global_batch={mb * w}"])
         threads = max(1, cpus // w)  # same thread budget for both recipes: W processes share the cores
@@ -247,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
             # MFUs have the same denominator (a probe inside each worker is at the mercy of the box's load).
             args.cpu_peak_flops = _cpu_peak(threads)
         print(f"[bench] W={w}: ours", flush=True)
+        t0 = time.perf_counter()
         ours = run_ours(cfg, manifest, args, threads, tmp)
+        phases[f"ours_w{w}"] = time.perf_counter() - t0
         row = {"workers": w, "ingest": ingest, "ours": ours}
         if args.reference:
             print(f"[bench] W={w}: reference", flush=True)
+            t0 = time.perf_counter()
             row["reference"] = run_reference(cfg, manifest, args, threads, tmp)
+            phases[f"reference_w{w}"] = time.perf_counter() - t0
             row["ratio_ours_over_reference"] = ours["samples_per_s"] / row["reference"]["samples_per_s"]
         print(f"[bench] W={w}: ours {ours['samples_per_s']:.2f} samples/s"
               + (f", reference {row['reference']['samples_per_s']:.2f}" if args.reference else ""), flush=True)
@@ -276,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         "ingest": ingest,
         "ingest_over_consumption": ingest["rows_per_s_steady"] / top["ours"]["samples_per_s"],
         "runs": runs,
+        "phase_wall_s": phases,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_avg_1m": [load_before, os.getloadavg()[0]],  # box load at start / end: context for CPU timings
         "host": f"{cpus} CPU cores" + (", GPU" if base_cfg.scaling.use_gpu else ", no GPU"),
         "command": "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -285,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2, default=float))
     plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("samples_per_s", "tokens_per_s", "tflops", "mfu",
-                                             "ratio_ours_over_reference")}))
+                                             "ratio_ours_over_reference", "phase_wall_s")}))
     return 0
 
 

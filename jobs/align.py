@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = validate_prepared(cfg)  # fail in seconds, before any worker starts
-    except (FileNotFoundError, ManifestError, SchemaError) as e:
+    except (FileNotFoundError, ManifestError, SchemaError, ValueError) as e:
         print(f"align: {e}", file=sys.stderr)
         return 1
     # 4 logical CPUs on a small box: 2 workers at 0.5 CPU + Ray Data read/transform tasks (cpu_stack_notes 2).

@@ -435,6 +435,8 @@ class FinetuneStageConfig:
     """Video ID embeddings (3.4.1); False for the unseen-video setting (4.4.2)."""
     position_extension: str = "mean"
     """Rows of P beyond the aligned table: ``mean`` fill (public code) or ``random`` ('w/o RandPosi')."""
+    model: str = "lsvcr"
+    """``lsvcr`` (the SR model), or a baseline in the same harness: ``sasrec`` (IDs, video), ``dssm`` (comment)."""
     batch_size: int = 512
     """Global batch."""
     max_epochs: int = 50

@@ -181,11 +181,15 @@ def encode_texts(cfg, log=print) -> dict:
     _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    res = ray.cluster_resources()
+    use_gpu = res.get("GPU", 0) >= 1
+    # CPU actors hold at most (CPUs - 1) together: the range/read tasks feeding them need a CPU too, or the pool
+    # deadlocks on a small box (2 actors x 1 CPU on 2 cores never schedule a read task).
+    cpus = 1.0 if use_gpu else max(0.1, min(1.0, (res.get("CPU", 1) - 1) / cfg.num_actors))
     n_blocks = max(1, min(-(-(nv + nc) // cfg.batch_size), 4 * cfg.num_actors))
     ds = ray.data.range(nv + nc, override_num_blocks=n_blocks).map_batches(
         TextEncoder, fn_constructor_kwargs=kw, batch_size=cfg.batch_size, batch_format="numpy",
-        concurrency=cfg.num_actors, num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else 1,
+        concurrency=cfg.num_actors, num_gpus=1 if use_gpu else 0, num_cpus=cpus,
     )
     t0 = time.perf_counter()
     writer = None

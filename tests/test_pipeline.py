@@ -115,3 +115,68 @@ def test_stage_selection_and_override_routing(tmp_path):
     assert [s.name for s in select_stages(imported)][0] == "prepare"
     assert stage_overrides("generate", ["run_dir=x", "max_epochs=3", "finetune.patience=1", "num_users=5"]) == [
         "run_dir=x", "finetune.patience=1", "num_users=5"]
+
+
+# ------------------------------------------------------------------------------------------ ablations harness
+def test_ablation_variants_rerun_only_what_they_change(tmp_path):
+    from lsvcr_dist.ablations import ALL, link_shared, stages_for
+
+    by = {v.slug: v for v in ALL}
+    assert [s.name for s in stages_for(by["wo_ssc"])] == ["align", "encode_aligned", "finetune", "evaluate"]
+    assert [s.name for s in stages_for(by["wo_randposi"])][0] == "align"
+    assert [s.name for s in stages_for(by["wo_reg"])] == ["finetune", "evaluate"]
+    assert [s.name for s in stages_for(by["wo_alignment"])] == ["finetune", "evaluate"]
+    assert [s.name for s in stages_for(by["sasrec"])] == ["finetune", "evaluate"]
+    for rel in ("raw", "data", "embeddings/base", "align", "embeddings/aligned"):
+        (tmp_path / rel).mkdir(parents=True)
+    sub = tmp_path / "ablations" / "wo_reg"
+    link_shared(tmp_path, sub, by["wo_reg"])
+    assert (sub / "align").resolve() == (tmp_path / "align").resolve() and (sub / "embeddings/aligned").is_symlink()
+    sub2 = tmp_path / "ablations" / "wo_ssc"
+    link_shared(tmp_path, sub2, by["wo_ssc"])
+    assert (sub2 / "data").is_symlink() and not (sub2 / "align").exists()  # realigned, never the main alignment
+    (tmp_path / "data").rename(tmp_path / "data_gone")
+    with pytest.raises(FileNotFoundError, match="needed by ablation 'w/o L_VCC'"):
+        link_shared(tmp_path, tmp_path / "ablations" / "wo_vcc", by["wo_vcc"])
+
+
+def test_ablation_tables(tmp_path):
+    from lsvcr_dist.ablations import table4_markdown, tables23_markdown, write_tables
+
+    m = {"recall@5": 0.1, "recall@10": 0.2, "ndcg@5": 0.05, "ndcg@10": 0.125, "mrr": 0.3}
+    res = {"LSVCR": {"video": m, "comment": m}, "w/o L_REG": {"video": {**m, "recall@10": 0.15}},
+           "SASRec": {"video": {**m, "mrr": 0.25}}}
+    t4 = table4_markdown(res)
+    assert "| LSVCR | 0.2000 | 0.1250 | 0.2000 | 0.1250 |" in t4
+    assert "| w/o L_REG | 0.1500 | 0.1250 | - | - |" in t4 and "w/o L_SSC" not in t4
+    t23 = tables23_markdown(res)
+    assert "| SASRec | 0.1000 | 0.2000 | 0.0500 | 0.1250 | 0.2500 |" in t23
+    write_tables(res, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == res
+    assert (tmp_path / "table4.md").read_text() == t4
+
+
+def test_plots_written_from_run_logs(tmp_path):
+    from lsvcr_dist.plots import plot_run, read_jsonl
+
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "loss": 5 - s * 0.1, "loss_lm": 3.0, "loss_sr": 1.0, "loss_ssc": 0.5, "loss_vcc": 0.6})
+        for s in range(1, 11)))
+    for task in ("video", "comment"):
+        d = tmp_path / "finetune" / task
+        d.mkdir(parents=True)
+        d.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(
+            {"epoch": e, "loss": None if e == 0 else 5.0 / e, "val": {"ndcg@10": 0.05 + 0.1 * e}}) for e in range(3)))
+    m = {"recall@5": 0.1, "recall@10": 0.2, "ndcg@5": 0.05, "ndcg@10": 0.125, "mrr": 0.3}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"video": m, "comment": m}))
+    out = plot_run(tmp_path)
+    for name in ("align_losses", "finetune_curves", "metrics"):
+        png = Path(out[name])
+        assert png.parent == tmp_path / "eval" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 5000
+    (tmp_path / "align" / "metrics.jsonl").write_text('{"step": 1}\n{broken\n')
+    with pytest.raises(ValueError, match=r"align/metrics.jsonl:2: not JSON"):
+        read_jsonl(tmp_path / "align" / "metrics.jsonl")
+    assert plot_run(tmp_path / "nothing")["metrics"].startswith("skipped:")

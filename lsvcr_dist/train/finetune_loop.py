@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
         if improved:
             best = res[SELECT_METRIC]
             save_best(out_dir / "best", core, cfg, build_args, {"epoch": epoch, "val": res},
-                      manifest_path(data_dir), store)
+                      manifest_path(data_dir), store, kind=cfg.model)
         _log(log_path, {"epoch": epoch, **train_metrics, "val": res, "best": best, "time_s": time.time() - t0})
         return improved
 
@@ -176,6 +176,8 @@ def fit_task(cfg, task: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.model != "lsvcr" and cfg.init != "scratch":
+        raise ValueError(f"finetune.model={cfg.model} is a baseline: set finetune.init=scratch (it reads the base store)")
     if cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio > 0:
         raise ValueError("finetune.optim: only a constant learning rate without warm-up is implemented (the public"
                          f" code's); got schedule={cfg.optim.schedule!r}, warmup_ratio={cfg.optim.warmup_ratio}")

@@ -36,7 +36,7 @@ class FinetuneSetupError(RuntimeError):
 
 def store_dir(run_dir: str | Path, init: str) -> Path:
     """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment'."""
-    if init not in ("align", "scratch"):
+    if init not in ("align", "scratch"):  # baselines run with init=scratch
         raise FinetuneSetupError(f"finetune.init must be 'align' or 'scratch', got {init!r}")
     return Path(run_dir) / "embeddings" / ("aligned" if init == "align" else "base")
 
@@ -90,8 +90,14 @@ def build_finetune_model(cfg: Any, task: str, *, num_videos: int, text_table: to
         FinetuneSetupError: missing aligned weights or a store of the wrong width.
         CheckpointShapeError: aligned weights of another shape (names the tensor and both shapes).
     """
-    aligned = cfg.init == "align"
     din = int(text_table.shape[1])
+    if cfg.model != "lsvcr":  # baselines start from scratch on the base store
+        from lsvcr_dist.models.baselines import baseline_args, build_baseline
+
+        args = baseline_args(cfg.model, cfg.sr, text_in_dim=din, num_videos=num_videos)
+        return build_baseline(cfg.model, {"sr": args, "num_videos": num_videos, "task": task,
+                                          "tau": cfg.loss.tau}, text_table), args
+    aligned = cfg.init == "align"
     if aligned and din != cfg.sr.text_dim:
         raise FinetuneSetupError(f"aligned store vectors have width {din} but sr.text_dim={cfg.sr.text_dim}"
                                  " (the aligned store must hold projected vectors)")

@@ -25,7 +25,12 @@ EXACT = ["sr.dropout=0", "lora.dropout=0", "comdiv.enabled=false", "rand_pos=fal
 CONSTANT_LR = ["optim.schedule=constant", "optim.warmup_ratio=0"]
 
 
-def _cfg(cfg_path, run_dir, *overrides):
+def _cfg(data_from, cfg_path, run_dir, *overrides):
+    """Config of a run in its own ``run_dir`` whose ``data`` links to the session's prepared tiny data."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "data").exists():
+        (run_dir / "data").symlink_to(Path(data_from) / "data")
     return load_config(cfg_path, "align", [f"run_dir={run_dir}", "global_batch=8", "log_every=1", *overrides])
 
 
@@ -63,32 +68,33 @@ def _check_moved(cfg, run_dir):
 
 @pytest.mark.timeout(420)
 def test_one_worker_equals_two_and_resume_by_new_submission(tiny_prepared, tmp_path):
-    """First-step loss: 1 worker x 8 rows == 2 workers x 4 rows (same 8 rows, pool 8 both times). Then a 2-worker
+    """First-step loss: 1 worker x 8 rows == 2 workers x 4 rows (the dataset holds just those 8 rows, so both runs
+    see them; the loss is invariant to their order: pool 8 both times, LM loss token-weighted). Then a 2-worker
     ZeRO-2 run of 6 steps vs one stopped at 3 and resubmitted to 6: identical losses at steps 4-6."""
-    _, cfg_path, _ = tiny_prepared
-    one = _cfg(cfg_path, tmp_path / "one", "scaling.num_workers=1", "deepspeed.micro_batch=8", "max_steps=1",
+    data, cfg_path, _ = tiny_prepared
+    one = _cfg(data, cfg_path, tmp_path / "one", "scaling.num_workers=1", "deepspeed.micro_batch=8", "max_steps=1",
                *EXACT)
     assert run_align(one, limit=8).error is None
-    two = _cfg(cfg_path, tmp_path / "two", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=6",
+    two = _cfg(data, cfg_path, tmp_path / "two", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=6",
                "checkpoint.every_steps=100", *EXACT, *CONSTANT_LR)
-    assert run_align(two, limit=16).error is None
+    assert run_align(two, limit=8).error is None
     m1, m2 = _lines(tmp_path / "one"), _lines(tmp_path / "two")
     assert m1[1]["pool_size"] == 8 and m2[1]["pool_size"] == 8 and m2[1]["world_size"] == 2
     for k in ("loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc"):
         assert m1[1][k] == pytest.approx(m2[1][k], abs=1e-5), k
-    # 16 rows = 2 steps per epoch: 3 epochs over the same rows, the loss must fall
-    assert sorted(m2) == list(range(1, 7)) and m2[6]["epoch"] == 2
+    # 8 rows = 1 step per epoch: 6 epochs over the same rows, the loss must fall
+    assert sorted(m2) == list(range(1, 7)) and m2[6]["epoch"] == 5
     assert m2[5]["loss"] + m2[6]["loss"] < m2[1]["loss"] + m2[2]["loss"]
     _check_moved(two, tmp_path / "two")
     # stop after 3 steps, then a NEW fit on the same run_dir resumes from the latest complete checkpoint
-    part = _cfg(cfg_path, tmp_path / "part", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=3",
+    part = _cfg(data, cfg_path, tmp_path / "part", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=3",
                 "checkpoint.every_steps=100", *EXACT, *CONSTANT_LR)
-    assert run_align(part, limit=16).error is None
+    assert run_align(part, limit=8).error is None
     ckpt = find_latest_complete(tmp_path / "part" / "align")
     assert ckpt is not None and ckpt.name == "step_00000003"
-    rest = _cfg(cfg_path, tmp_path / "part", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=6",
+    rest = _cfg(data, cfg_path, tmp_path / "part", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=6",
                 "checkpoint.every_steps=100", *EXACT, *CONSTANT_LR)
-    assert run_align(rest, limit=16).error is None
+    assert run_align(rest, limit=8).error is None
     mp = _lines(tmp_path / "part")
     assert sorted(mp) == list(range(1, 7))
     for s in range(1, 7):
@@ -99,8 +105,8 @@ def test_one_worker_equals_two_and_resume_by_new_submission(tiny_prepared, tmp_p
 def test_zero3_fault_restart_checkpoint_files(tiny_prepared, tmp_path):
     """2 workers, ZeRO-3, dropout and randomized positions on; rank 1 fails at step 5, FailureConfig restarts from
     the step-3 checkpoint, the run completes with the same step-4 loss as the failed attempt logged."""
-    _, cfg_path, _ = tiny_prepared
-    cfg = _cfg(cfg_path, tmp_path, "scaling.num_workers=2", "deepspeed.micro_batch=4", "deepspeed.zero_stage=3",
+    data, cfg_path, _ = tiny_prepared
+    cfg = _cfg(data, cfg_path, tmp_path, "scaling.num_workers=2", "deepspeed.micro_batch=4", "deepspeed.zero_stage=3",
                "max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep_last=2", "checkpoint.max_failures=1")
     result = run_align(cfg, limit=16, fault_inject="step:5")
     assert result.error is None

@@ -1,0 +1,52 @@
+"""Table 4 ablations and Table 2/3 baselines (SASRec, DSSM) in the same harness as LSVCR.
+
+    python jobs/ablations.py --config jobs/configs/tiny.yaml [--only wo_reg,sasrec] [run_dir=/tmp/tiny ...]
+
+Runs (or reuses) the full pipeline in run_dir, then each variant in run_dir/ablations/<variant>/ reusing the raw
+logs, prepared data and base embeddings (and, for fine-tune-only variants, the alignment). Writes
+run_dir/ablations/{table4.md, tables23.md, results.json} and prints both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from _cli import DEFAULT_ENV, ROOT  # noqa: F401 - ROOT puts the checkout on sys.path
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    from lsvcr_dist.ablations import ALL, run_ablations, table4_markdown, tables23_markdown
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="preset YAML under jobs/configs/")
+    p.add_argument("--only", default="", help=f"comma-separated variant slugs ({', '.join(v.slug for v in ALL)})")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    args = p.parse_args(argv)
+    from lsvcr_dist.config import ConfigError, check_overrides_known
+    from lsvcr_dist.stages import StageError
+
+    slugs = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(slugs) - {v.slug for v in ALL})
+    if unknown:
+        p.exit(2, f"unknown variant(s) {unknown} (known: {', '.join(v.slug for v in ALL)})\n")
+    variants = tuple(v for v in ALL if not slugs or v.slug in slugs)
+    try:
+        check_overrides_known(args.config, args.overrides)
+        results = run_ablations(args.config, args.overrides, variants)
+    except ConfigError as e:
+        p.exit(2, f"config error: {e}\n")
+    except (StageError, FileNotFoundError) as e:
+        print(f"ablations: {e}", file=sys.stderr)
+        return 1
+    print(table4_markdown(results))
+    print(tables23_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

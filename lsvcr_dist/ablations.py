@@ -1,0 +1,127 @@
+"""Table 4 ablations and Table 2/3 baselines in the pipeline harness (``jobs/ablations.py``).
+
+The full LSVCR run is the ordinary pipeline in ``run_dir``. Every variant runs into ``run_dir/ablations/<slug>/``,
+which links to the main run's raw logs, prepared data and base embedding store (never regenerated); variants that
+change only fine-tuning also link the main run's alignment outputs and aligned store, so only fine-tune + evaluate
+rerun. Results: ``run_dir/ablations/{results.json, table4.md, tables23.md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lsvcr_dist.stages import STAGES, Stage, run_pipeline
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: display name, folder slug and the overrides that define it."""
+
+    name: str
+    slug: str
+    overrides: tuple[str, ...]
+
+
+TABLE4 = (
+    Variant("w/o L_SSC", "wo_ssc", ("align.loss.use_ssc=false",)),
+    Variant("w/o L_VCC", "wo_vcc", ("align.loss.use_vcc=false",)),
+    Variant("w/o ComDiv", "wo_comdiv", ("align.comdiv.enabled=false",)),
+    Variant("w/o RandPosi", "wo_randposi", ("align.rand_pos=false", "finetune.position_extension=random")),
+    Variant("w/o Alignment", "wo_alignment", ("finetune.init=scratch",)),
+    Variant("w/o L_REG", "wo_reg", ("finetune.loss.use_reg=false",)),
+)
+BASELINES = (
+    Variant("SASRec", "sasrec", ("finetune.init=scratch", "finetune.model=sasrec", "finetune.tasks=[video]")),
+    Variant("DSSM", "dssm", ("finetune.init=scratch", "finetune.model=dssm", "finetune.tasks=[comment]")),
+)
+ALL = TABLE4 + BASELINES
+SHARED = ("raw", "data", "embeddings/base")
+ALIGNED = ("align", "embeddings/aligned")
+
+
+def stages_for(variant: Variant) -> list[Stage]:
+    """Stages a variant reruns: alignment onwards when it changes alignment, else fine-tune + evaluate."""
+    by_name = {s.name: s for s in STAGES}
+    scratch = "finetune.init=scratch" in variant.overrides
+    touches_align = any(o.startswith("align.") for o in variant.overrides)
+    names = ["align", "encode_aligned", "finetune", "evaluate"] if touches_align and not scratch else [
+        "finetune", "evaluate"]
+    return [by_name[n] for n in names]
+
+
+def link_shared(main: Path, sub: Path, variant: Variant) -> None:
+    """Symlink the main run's reusable outputs into the variant folder (replacing stale links)."""
+    names = list(SHARED)
+    if stages_for(variant)[0].name == "finetune" and "finetune.init=scratch" not in variant.overrides:
+        names += ALIGNED  # fine-tune-only variant: reuse the main alignment and aligned store
+    for rel in names:
+        src, dst = (main / rel).resolve(), sub / rel
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: needed by ablation '{variant.name}' (run the main pipeline first)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink():
+            dst.unlink()
+        if not dst.exists():
+            os.symlink(src, dst, target_is_directory=True)
+
+
+def run_ablations(config: str | Path, overrides: list[str], variants: tuple[Variant, ...] = ALL,
+                  runner: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+    """Main pipeline, then every variant; returns ``{variant name: metrics.json content}`` ("LSVCR" = main run)."""
+    from lsvcr_dist.config import load_config
+
+    main = Path(load_config(config, "evaluate", overrides).run_dir).resolve()
+    base = [o for o in overrides if not o.startswith("run_dir=")]
+    run_pipeline(config, [*base, f"run_dir={main}"], runner=runner, log=log)
+    results = {"LSVCR": json.loads((main / "eval" / "metrics.json").read_text())}
+    for v in variants:
+        sub = main / "ablations" / v.slug
+        link_shared(main, sub, v)
+        log(f"[ablations] {v.name}: {' '.join(v.overrides)}")
+        run_pipeline(config, [*base, f"run_dir={sub}", *v.overrides], runner=runner, stages=stages_for(v), log=log)
+        results[v.name] = json.loads((sub / "eval" / "metrics.json").read_text())
+    write_tables(results, main / "ablations")
+    return results
+
+
+def _cell(results: dict, name: str, task: str, metric: str) -> str:
+    m = results.get(name, {}).get(task)
+    return f"{m[metric]:.4f}" if m else "-"
+
+
+def table4_markdown(results: dict) -> str:
+    """Table 4 layout: variants x (video R@10, N@10, comment R@10, N@10)."""
+    lines = ["## Ablations (Table 4 layout; test split)", "",
+             "| variant | video R@10 | video N@10 | comment R@10 | comment N@10 |", "|---|---|---|---|---|"]
+    for name in ["LSVCR"] + [v.name for v in TABLE4]:
+        if name in results:
+            cells = [_cell(results, name, t, m) for t in ("video", "comment") for m in ("recall@10", "ndcg@10")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tables23_markdown(results: dict) -> str:
+    """Table 2 (video) and Table 3 (comment) layout: methods x (R@5, R@10, N@5, N@10, MRR)."""
+    cols = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
+    out = []
+    for task, title, methods in (("video", "Video recommendation (Table 2 layout)", ("SASRec", "LSVCR")),
+                                 ("comment", "Comment recommendation (Table 3 layout)", ("DSSM", "LSVCR"))):
+        out += [f"## {title}", "", "| method | R@5 | R@10 | N@5 | N@10 | MRR |", "|---|---|---|---|---|---|"]
+        for name in methods:
+            if name in results:
+                out.append(f"| {name} | " + " | ".join(_cell(results, name, task, c) for c in cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_tables(results: dict, out_dir: str | Path) -> None:
+    """``results.json``, ``table4.md`` and ``tables23.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    (out / "table4.md").write_text(table4_markdown(results))
+    (out / "tables23.md").write_text(tables23_markdown(results))

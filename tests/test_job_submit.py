@@ -1,0 +1,98 @@
+"""`ray job submit` of jobs/align.py to a head started here (loopback only), stopped by its process id.
+
+One test on purpose: starting a head and running a job costs about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_ray_job_submit_align(tiny_prepared, tmp_path):
+    data, _, _ = tiny_prepared
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(Path(data) / "data")
+    gcs, dash, client = _free_ports(3)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+         "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_http(f"{address}/api/version", 180)
+        runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                    "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
+        sub_id = f"lsvcr-align-{os.getpid()}"
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
+             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "jobs/align.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
+             "max_steps=3", "global_batch=8", "deepspeed.micro_batch=4", "checkpoint.every_steps=3"],
+            env=env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        status, end = "", time.time() + 600
+        while time.time() < end:
+            out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sub_id], env=env,
+                                 capture_output=True, text=True, timeout=60).stdout
+            status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+            if status:
+                break
+            time.sleep(5)
+        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, sub_id], env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+        assert status == "SUCCEEDED", logs[-4000:]
+    finally:
+        os.kill(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the session we started, by its id
+            head.wait(timeout=30)
+    lines = [json.loads(x) for x in (run_dir / "align" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [d["step"] for d in lines] == [1, 2, 3]
+    assert all(d["pool_size"] == 8 and d["world_size"] == 2 for d in lines)
+    assert (run_dir / "align" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    summaries = [json.loads(x) for x in logs.splitlines() if x.startswith('{"run_dir"')]
+    assert summaries and summaries[-1]["steps"] == 3 and summaries[-1]["workers"] == 2
