@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-TASK_VIDEO = 0
-TASK_COMMENT = 1
+from lsvcr_dist.schema import TASK_COMMENT, TASK_VIDEO
+
 IGNORE_INDEX = -100
 
 VIDEO_TEMPLATE = (

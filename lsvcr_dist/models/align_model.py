@@ -194,6 +194,8 @@ def build_align_model(cfg, num_videos: int, text_table: torch.Tensor | None = No
     from lsvcr_dist.models.builders import build_sr_model_from_config
     from lsvcr_dist.models.llm_builders import build_llm_recommender
 
+    if cfg.text_source == "store" and text_table is None:
+        raise ValueError("text_source='store' needs text_table (the base EmbeddingStore as a tensor)")
     # peft initialises lora_A from the global RNG: seed it, or ranks (and a rebuilt model) would differ.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

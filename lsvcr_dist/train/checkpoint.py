@@ -246,15 +246,17 @@ def restore_checkpoint(engine, path: str | Path) -> dict:
 
 
 def _allow_deepspeed_globals() -> None:
-    """The two plain DeepSpeed classes pickled into ZeRO optimizer shards, allow-listed for ``weights_only``.
+    """The plain DeepSpeed types pickled into ZeRO shards, allow-listed for ``weights_only`` loading.
 
-    ``ZeroStageEnum`` is an int enum and ``LossScaler`` a static scale holder (no ``__reduce__`` of its own), so
-    allowing them keeps ``weights_only=True`` meaningful: nothing else can be instantiated while loading.
+    ``ZeroStageEnum`` (an int enum), ``LossScaler`` (a static scale holder) and ``fragment_address`` (a dataclass of
+    two ints, ZeRO-1/2) define no ``__reduce__`` of their own, so allowing them keeps ``weights_only=True``
+    meaningful: nothing else can be instantiated while loading.
     """
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler])
+    torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler, fragment_address])
 
 
 def base_fingerprint(model: nn.Module, zero_stage: int) -> list[float]:

@@ -164,7 +164,7 @@ def build_train_dataset(cfg, task: str):
     data_dir = str(Path(cfg.run_dir) / "data")
     ds = read_instances(data_dir, "train", cfg.ingest.format, tasks=[task])
     return ds.map_batches(FinetuneTransform, fn_constructor_kwargs=dict(data_dir=data_dir, train=True, seed=cfg.seed),
-                          batch_format="pyarrow", batch_size=256, concurrency=1)
+                          batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=0.5)
 
 
 def fit_task(cfg, task: str) -> dict:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _llm_fakes import DIMS, NV, instance_table, instances, make_data_dir  # noqa: E402
+from _llm_fakes import NV, instance_table, instances, make_data_dir  # noqa: E402
 
 from lsvcr_dist import schema  # noqa: E402
 from lsvcr_dist.data.transforms import AlignTransform, TextLookup, TextTokenizer  # noqa: E402
@@ -60,8 +60,8 @@ def test_prompt_holds_sr_side_texts_when_comdiv_is_off(data_dir):
     c = out["video_hist_comment"][0]
     assert (f"1. Title: video 2 skiing; Popular comment: comment {c[0]}\n2. Title: video 3 noodles; Popular comment: "
             f"comment {c[1]}\n3. Title: video 4 guitar; Popular comment: comment {c[2]}, and his/her") in text
-    assert "1. Title: video 2 skiing; Comments: comment 3 | comment 4\n2. Title: video 3 noodles; Comments: comment 5." \
-        in text
+    assert ("1. Title: video 2 skiing; Comments: comment 3 | comment 4\n"
+            "2. Title: video 3 noodles; Comments: comment 5.") in text
     assert text.endswith("based on these interaction histories:video 5 cars")
     row = 2
     text = _decode(tr, out["prompt_input_ids"][row], out["prompt_attention_mask"][row])
@@ -134,7 +134,7 @@ def test_map_batches_on_ray_data(ray_local, data_dir):
 
     ds = ray.data.from_arrow(instance_table()).map_batches(
         AlignTransform, fn_constructor_kwargs=dict(data_dir=data_dir, llm=LLM, comdiv=OFF, seed=1),
-        batch_size=2, batch_format="pyarrow", concurrency=1)
+        batch_size=2, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
     got = ds.take_batch(4, batch_format="numpy")
     ref = AlignTransform(data_dir, LLM, OFF, seed=1)(instances())
     order = np.argsort(got["target_text_id"] * 10 + got["task"])
