@@ -52,7 +52,26 @@ def _extra(p) -> None:
                    help="per-device peak; 0 = H100/H200 bf16 989.4 by name on CUDA, fp32 matmul probe on CPU")
     p.add_argument("--ingest-rows", type=int, default=256,
                    help="rows of the ingest-rate measurement (at least the run's own rows)")
+    p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                   help="instead: paired A/B of the speed-work items (trim, target_logits, sdpa, grad_checkpointing) "
+                        "in one process for ROUNDS rounds")
     p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
+
+
+def _init_ray(num_cpus: int, attempts: int = 3) -> None:
+    """``init_ray`` with retries: on an overloaded shared box the local node can time out while starting."""
+    import ray
+
+    for i in range(attempts):
+        try:
+            init_ray(num_cpus=num_cpus)
+            return
+        except Exception as e:  # Ray raises a bare Exception for a node start time-out
+            if i == attempts - 1 or "timed out" not in str(e):
+                raise
+            print(f"[bench] ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+            time.sleep(5)
 
 
 def _stage_overrides(stage: str, overrides: list[str]) -> list[str]:
@@ -196,6 +215,25 @@ def _peak(args) -> float:
     return args.peak_tflops * 1e12 if args.peak_tflops else getattr(args, "cpu_peak_flops", 0.0)
 
 
+def run_ab(cfg, manifest: dict, args) -> dict:
+    """``bench_ab.ab_compare`` in this process inside a one-rank gloo/nccl group (no Ray)."""
+    import torch
+    import torch.distributed as dist
+
+    from lsvcr_dist.train.bench_ab import ab_compare
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    try:
+        batches = reference_batches(cfg, manifest, 1, min(args.ab + 1, 8))[0]
+        return ab_compare(cfg, str(Path(cfg.run_dir) / "data"), batches, rounds=args.ab, threads=os.cpu_count() or 1)
+    finally:
+        dist.destroy_process_group()
+
+
 def plot(result: dict, path: Path) -> None:
     """Samples/s vs workers (ours, reference, ideal) with the ingest rate; efficiency in the labels."""
     import matplotlib
@@ -236,9 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     from lsvcr_dist.data.manifest import read_manifest
 
     run_dir = Path(base_cfg.run_dir)
-    init_ray(num_cpus=max(4, 2 * max(workers)))
+    if not args.ab or not (run_dir / "data" / "manifest.json").is_file():
+        _init_ray(max(4, 2 * max(workers)))
     ensure_data(args.config, argv_overrides, run_dir)
     manifest = read_manifest(run_dir / "data")
+    if args.ab:
+        cfg = load_config(args.config, "align", argv_overrides + ["scaling.num_workers=1",
+                                                                  f"global_batch={base_cfg.deepspeed.micro_batch}"])
+        load_before = os.getloadavg()[0]
+        ab = run_ab(cfg, manifest, args)
+        res = {"ab": ab, "rounds": args.ab, "model": args.model, "micro_batch": base_cfg.deepspeed.micro_batch,
+               "load_avg_1m": [load_before, os.getloadavg()[0]],
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "command": "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None
+                                                                           else sys.argv[1:])}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps({k: round(v["speedup_with"], 3) for k, v in ab.items()}))
+        return 0
     cpus = os.cpu_count() or 1
     runs, tmp = [], Path(tempfile.mkdtemp(prefix="lsvcr-bench-"))
     mb = base_cfg.deepspeed.micro_batch

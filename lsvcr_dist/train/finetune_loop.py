@@ -158,13 +158,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 def build_train_dataset(cfg, task: str):
     """Streamed training rows of one task with the training-mode FinetuneTransform applied."""
+    import ray.data
+
     from lsvcr_dist.data.ft_transforms import FinetuneTransform
     from lsvcr_dist.data.ingest import read_instances
 
     data_dir = str(Path(cfg.run_dir) / "data")
     ds = read_instances(data_dir, "train", cfg.ingest.format, tasks=[task])
     return ds.map_batches(FinetuneTransform, fn_constructor_kwargs=dict(data_dir=data_dir, train=True, seed=cfg.seed),
-                          batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=0.5)
+                          batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
+                          num_cpus=0.5)
 
 
 def fit_task(cfg, task: str) -> dict:
