@@ -134,7 +134,7 @@ def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
     out = tmp / f"ours_w{w}.json"
     ds = build_align_dataset(cfg, manifest, limit=(args.warmup + args.steps) * cfg.deepspeed.micro_batch * w)
     loop = {"cfg": to_dict(cfg), "data_dir": str(Path(cfg.run_dir) / "data"), "warmup": args.warmup,
-            "steps": args.steps, "trim": args.trim, "peak_flops": _peak(args), "out": str(out),
+            "steps": args.steps, "trim": args.trim and cfg.trim_padding, "peak_flops": _peak(args), "out": str(out),
             "threads": threads, "prefetch_batches": cfg.ingest.prefetch_batches}
     sc = cfg.scaling
     trainer = TorchTrainer(

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsvcr_dist.train.checkpoint import find_latest_complete
 
     try:
-        manifest = validate_prepared(cfg)  # fail in seconds, before any worker starts
+        validate_prepared(cfg)  # fail in seconds, before any worker starts
     except (FileNotFoundError, ManifestError, SchemaError, ValueError) as e:
         print(f"align: {e}", file=sys.stderr)
         return 1
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if resume:
         print(f"align: resuming from {resume}")
     t0 = time.time()
-    result = build_trainer(cfg, build_align_dataset(cfg, manifest), str(resume) if resume else None).fit()
+    result = build_trainer(cfg, build_align_dataset(cfg), str(resume) if resume else None).fit()
     if result.error:
         print(f"align: training failed: {result.error}", file=sys.stderr)
         return 1

@@ -384,6 +384,8 @@ class AlignStageConfig:
     """SR text features: ``online`` (LoRA LLM with gradients, the public code) or ``store`` (frozen embedding store)."""
     rand_pos: bool = True
     """Randomized positional encoding (3.1.2); Table 4 'w/o RandPosi' when False."""
+    trim_padding: bool = True
+    """Cut prompt/text right padding to the micro-batch's longest real length before the step (exact, less work)."""
     enabled: bool = True
     """Table 4 'w/o Alignment' when False: the stage is skipped and fine-tune starts from scratch."""
     timeout_s: int = 3600

@@ -90,9 +90,7 @@ class Recommender:
         for j, (v, comments) in enumerate(list(comment_hist)[-L:]):
             self._check_video(v, "comment_hist")
             ch[0, j] = v
-            keep = list(comments)[:K]
-            if not keep:
-                raise ValueError(f"comment_hist record {j} (video {v}) has no comments")
+            keep = list(comments)[:K]  # an empty record keeps only its video title, as in the prepared data
             cc[0, j, : len(keep)] = keep
         cur = np.array([current_video], np.int64)
         nv = self.num_videos

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,9 +33,11 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _wait_http(url: str, timeout: float) -> None:
+def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path) -> None:
     end = time.time() + timeout
     while time.time() < end:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -51,17 +55,19 @@ def test_ray_job_submit_align(tiny_prepared, tmp_path):
     run_dir.mkdir()
     (run_dir / "data").symlink_to(Path(data) / "data")
     gcs, dash, client = _free_ports(3)
+    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for --temp-dir.
+    ray_tmp = tempfile.mkdtemp(prefix="lsvcr-js-", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+         "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
         env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_http(f"{address}/api/version", 180)
+        _wait_http(f"{address}/api/version", 180, head, tmp_path / "head.log")
         runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
         sub_id = f"lsvcr-align-{os.getpid()}"
@@ -90,6 +96,7 @@ def test_ray_job_submit_align(tiny_prepared, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # the session we started, by its id
             head.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [json.loads(x) for x in (run_dir / "align" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert [d["step"] for d in lines] == [1, 2, 3]
     assert all(d["pool_size"] == 8 and d["world_size"] == 2 for d in lines)

@@ -30,7 +30,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from lsvcr_dist.data.manifest import dims_of, read_manifest, shard_files
 from lsvcr_dist.data.shards import WDS_SUFFIX, ShardError, check_parquet_file, check_wds_file, decode_records, \
-    records_to_table
+    flatten_nested, records_to_table
 from lsvcr_dist.schema import INSTANCE, TASK_COMMENT, TASK_VIDEO, SchemaError, resolve_shape
 
 FORMATS = {"parquet": "parquet", "webdataset": "webdataset", "wds": "webdataset"}
@@ -73,7 +73,7 @@ def _decode_wds(batch: pa.Table, dims: dict[str, int]) -> pa.Table:
     source = f"{urls[0]}" if urls else "webdataset batch"
     if WDS_SUFFIX not in batch.column_names:
         raise ShardError(f"{source}: no '{WDS_SUFFIX}' member in samples (columns {batch.column_names})")
-    return records_to_table(decode_records(batch.column(WDS_SUFFIX).to_pylist(), dims, source), dims)
+    return flatten_nested(records_to_table(decode_records(batch.column(WDS_SUFFIX).to_pylist(), dims, source), dims))
 
 
 def _filter_tasks(batch: pa.Table, codes: list[int]) -> pa.Table:
@@ -93,7 +93,10 @@ def read_instances(data_dir: str | Path, split: str, fmt: str = "parquet", tasks
         override_num_blocks: Ray read parallelism (default: Ray's choice).
 
     Returns:
-        A lazy ``ray.data.Dataset`` whose schema is ``schema.to_arrow_schema(INSTANCE, dims)``.
+        A lazy ``ray.data.Dataset`` of the INSTANCE columns, except that the one nested column,
+        ``comment_hist_comments`` ``[L, K]``, travels flattened as a ``fixed_size_list[L*K]`` (pyarrow 26 corrupts
+        nested fixed lists in the take/filter kernels Ray uses; see ``shards.flatten_nested``).
+        ``to_numpy_batch(batch, dims)`` and ``InstanceCollate(dims)`` give it back as ``[B, L, K]``.
 
     Raises:
         ShardError / ManifestError: from ``validate_shards``.
@@ -107,6 +110,7 @@ def read_instances(data_dir: str | Path, split: str, fmt: str = "parquet", tasks
         raise ShardError(f"{data_dir}: split '{split}' has no {fmt} shards")
     if fmt == "parquet":
         ds = ray.data.read_parquet(paths, override_num_blocks=override_num_blocks)
+        ds = ds.map_batches(flatten_nested, batch_format="pyarrow")
     else:  # decoder=None: bytes stay bytes (no pickle path); we decode with allow_pickle=False
         ds = ray.data.read_webdataset(paths, decoder=None, override_num_blocks=override_num_blocks)
         ds = ds.map_batches(_decode_wds, fn_kwargs={"dims": dims}, batch_format="pyarrow")
@@ -130,7 +134,9 @@ def _fixed_shape(t: pa.DataType) -> tuple[int, ...]:
 def to_numpy_batch(batch: pa.Table | dict, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Arrow batch (or dict of arrays) -> ``{column: ndarray}`` with fixed-size-list columns as ``[B, ...]``.
 
-    Shapes come from the Arrow types; for INSTANCE columns they are checked against ``dims`` when given. Scalar
+    Shapes come from the Arrow types; for INSTANCE columns they are checked against ``dims`` when given, and a
+    flattened ``comment_hist_comments`` ``[B, L*K]`` (as ``read_instances`` streams it) becomes ``[B, L, K]``.
+    Use this inside ``map_batches(batch_format="pyarrow")`` instead of pyarrow ``take``/``filter`` on nested lists. Scalar
     columns become ``[B]`` arrays; string columns stay object arrays. A dict input may hold object arrays of
     per-row arrays (Ray's numpy format for fixed lists): they are stacked.
 
@@ -157,6 +163,8 @@ def to_numpy_batch(batch: pa.Table | dict, dims: dict[str, int] | None = None) -
         for name, x in out.items():
             if name in INSTANCE:
                 want = resolve_shape(INSTANCE[name].shape, dims)
+                if len(want) > 1 and x.shape[1:] == (int(np.prod(want)),):
+                    x = out[name] = x.reshape((len(x), *want))  # flattened inside Ray (shards.flatten_nested)
                 if x.shape[1:] != want:
                     raise SchemaError(f"column '{name}': expected per-row shape {want}, got {x.shape[1:]}")
     return out
@@ -168,17 +176,19 @@ class InstanceCollate(ArrowBatchCollateFn):
     Args:
         dtypes: optional ``{column: torch.dtype}`` casts (default: the numpy dtype, int64 for ids).
         columns: keep only these columns (default all numeric columns).
+        dims: manifest dims; reshapes the flattened ``comment_hist_comments`` to ``[B, L, K]`` (else ``[B, L*K]``).
     """
 
-    def __init__(self, dtypes: dict | None = None, columns: list[str] | None = None):
+    def __init__(self, dtypes: dict | None = None, columns: list[str] | None = None, dims: dict | None = None):
         super().__init__()
         self.dtypes = dtypes or {}
         self.columns = columns
+        self.dims = dims
 
     def __call__(self, batch: pa.Table) -> dict:
         import torch
 
-        arrays = to_numpy_batch(batch if self.columns is None else batch.select(self.columns))
+        arrays = to_numpy_batch(batch if self.columns is None else batch.select(self.columns), self.dims)
         out = {}
         for name, x in arrays.items():
             if x.dtype == object:
@@ -192,7 +202,7 @@ class InstanceCollate(ArrowBatchCollateFn):
 
 def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, local_shuffle_buffer: int = 256,
                    collate_fn=None, dtypes: dict | None = None, prefetch_batches: int = 2, drop_last: bool = True,
-                   device: str = "auto"):
+                   device: str = "auto", dims: dict | None = None):
     """One epoch over a worker's dataset shard (``ray.train.get_dataset_shard(name)``).
 
     Args:
@@ -207,6 +217,7 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, local_shuffle_
         prefetch_batches: batches prefetched in the background.
         drop_last: drop the last partial batch (every worker takes the same number of steps).
         device: where Ray moves the tensors (``auto``: the worker's GPU if any).
+        dims: manifest dims for the default collate (``comment_hist_comments`` as ``[B, L, K]``).
 
     Returns:
         An iterable of ``{column: torch.Tensor}`` batches.
@@ -215,7 +226,7 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, local_shuffle_
     return shard.iter_torch_batches(
         batch_size=batch_size, drop_last=drop_last, prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=buffer, local_shuffle_seed=(seed + epoch) if buffer else None,
-        collate_fn=collate_fn or InstanceCollate(dtypes), device=device)
+        collate_fn=collate_fn or InstanceCollate(dtypes, dims=dims), device=device)
 
 
 def ingest_data_config(preserve_order: bool = True):
@@ -229,3 +240,39 @@ def ingest_data_config(preserve_order: bool = True):
     return DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(
         resource_limits=opts.resource_limits, exclude_resources=opts.exclude_resources,
         preserve_order=preserve_order, verbose_progress=opts.verbose_progress))
+
+
+def probe_loop(config: dict) -> None:
+    """Ray Train loop that only consumes data (the ingest test and ``benchmarks/data_throughput.py``).
+
+    Per epoch each worker writes ``out_dir/rank{r}_epoch{e}.json`` with rows, batches, seconds, time to the
+    first batch and (``record_keys``) the ``(user_id, timestamp, task, sum of comment_hist_comments)`` of every row
+    in the order seen. Config keys: ``out_dir``, ``batch_size``, ``epochs``, ``seed``, ``shuffle_buffer``,
+    ``dims``, ``record_keys``, ``dataset`` (default ``train``).
+    """
+    import json
+    import time
+
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard(config.get("dataset", "train"))
+    out = Path(config["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(int(config.get("epochs", 1))):
+        t0 = time.perf_counter()
+        keys, rows, batches, first = [], 0, 0, None
+        for batch in epoch_iterator(shard, int(config["batch_size"]), epoch, int(config.get("seed", 0)),
+                                    int(config.get("shuffle_buffer", 0)), dims=config.get("dims")):
+            if first is None:
+                first = time.perf_counter() - t0
+            n = int(batch["user_id"].shape[0])
+            rows, batches = rows + n, batches + 1
+            if config.get("record_keys", True):
+                chc = batch["comment_hist_comments"]
+                sums = chc.reshape(n, -1).sum(1).tolist()
+                keys += [[int(u), int(t), int(k), int(s), list(chc.shape[1:])] for u, t, k, s in
+                         zip(batch["user_id"].tolist(), batch["timestamp"].tolist(), batch["task"].tolist(), sums)]
+        rec = {"rank": rank, "epoch": epoch, "rows": rows, "batches": batches, "seconds": time.perf_counter() - t0,
+               "first_batch_s": first, "keys": keys}
+        (out / f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(rec))

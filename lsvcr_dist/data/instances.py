@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from lsvcr_dist.data.shards import flatten_nested
 from lsvcr_dist.schema import INSTANCE, TASK_COMMENT, TASK_VIDEO, numpy_to_table
 
 SECONDS_PER_DAY = 86_400
@@ -161,7 +162,7 @@ def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
         ctx: global lookups.
 
     Returns:
-        INSTANCE columns plus ``split`` (train/val/test/filtered), ``_seq`` (chronological index in the user) and
+        INSTANCE columns (``comment_hist_comments`` flattened to ``[L*K]``, see ``shards.flatten_nested``) plus ``split`` (train/val/test/filtered), ``_seq`` (chronological index in the user) and
         ``_reason`` ("" or the filter reason, e.g. ``empty_history_video``).
     """
     d = ctx.dims
@@ -227,7 +228,7 @@ def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
         "train_comment_cands": train_cands, "target_seen": ctx.train_videos[seen_video].astype(np.int64),
         "user_seen": np.full(n, user_seen, np.int64),
     }
-    table = numpy_to_table(cols, INSTANCE, d)
+    table = flatten_nested(numpy_to_table(cols, INSTANCE, d))  # see shards.flatten_nested: Ray-safe layout
     # chronological order inside the user: the shard order is (user_id, _seq) whatever the worker count
     seq = np.empty(n, np.int64)
     seq[np.lexsort((np.arange(n), task, t_ts))] = np.arange(n)

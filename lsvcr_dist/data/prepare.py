@@ -31,9 +31,9 @@ from lsvcr_dist.data import raw as raw_mod
 from lsvcr_dist.data.instances import EVENT_SCHEMA, FILTERED, SECONDS_PER_DAY, SPLIT_NAMES, PrepContext, \
     build_user_instances
 from lsvcr_dist.data.manifest import write_manifest
-from lsvcr_dist.data.shards import write_parquet_shard, write_wds_shard
+from lsvcr_dist.data.shards import to_instance_table, write_parquet_shard, write_wds_shard
 from lsvcr_dist.schema import COMMENT_TABLE, INSTANCE, SCHEMA_VERSION, TASK_COMMENT, TASK_VIDEO, VIDEO_TABLE, \
-    to_arrow_schema
+    fixed_list_to_numpy, to_arrow_schema
 
 TASK_NAMES = {TASK_VIDEO: "video", TASK_COMMENT: "comment"}
 
@@ -171,6 +171,14 @@ def _with_split_code(batch: pa.Table) -> pa.Table:
     return batch.drop_columns(["split", "_reason"]).append_column("_split", pa.array(code, pa.int64()))
 
 
+def _np_rows(col: pa.ChunkedArray, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a scalar or one-level fixed-list column as numpy (``[n]`` or ``[n, W]``)."""
+    t = col.type
+    if pa.types.is_fixed_size_list(t):
+        return fixed_list_to_numpy(col, (t.list_size,))[idx]
+    return col.to_numpy()[idx]
+
+
 class _ShardWriter:
     """Cuts the (split, user, seq)-ordered stream into shards of ``shard_rows`` rows per split, in both formats."""
 
@@ -185,7 +193,10 @@ class _ShardWriter:
         """Route rows to their split's buffer; write every full shard."""
         code = batch["_split"].to_numpy()
         for i in np.unique(code).tolist():
-            rows = batch.filter(pa.array(code == i)).drop_columns(["_split", "_seq"]).cast(self.schema)
+            # rows are selected in numpy, never with pyarrow take/filter (see shards.flatten_nested)
+            idx = np.flatnonzero(code == i)
+            cols = {n: batch[n] for n in INSTANCE}
+            rows = to_instance_table({n: _np_rows(c, idx) for n, c in cols.items()}, self.dims)
             self.pending[i].append(rows)
             buf = pa.concat_tables(self.pending[i])
             while buf.num_rows >= self.shard_rows:
@@ -203,7 +214,7 @@ class _ShardWriter:
     def _write(self, i: int, table: pa.Table) -> None:
         split = SPLIT_NAMES[i]
         n = len(self.counts[split])
-        table = table.combine_chunks()
+        table = to_instance_table(table, self.dims)  # fresh, unsliced arrays
         if "parquet" in self.formats:
             rel = f"parquet/{split}/part-{n:05d}.parquet"
             write_parquet_shard(self.data_dir / rel, table, self.dims)

@@ -5,7 +5,7 @@ same rows in the same order, one tar member per sample named ``<key>.inst.npy``:
 a structured dtype whose fields are the INSTANCE columns in schema order with their fixed shapes (all int64). The
 ``.npy`` header therefore names every column and its shape, so any reader can check the schema of a sample
 without a side file, and a batch of samples decodes into ``[B, ...]`` arrays by one ``np.concatenate``. Keys are
-``u<user_id>_s<seq>`` (unique per split). Nothing here uses pickles: ``np.load(..., allow_pickle=False)``.
+``u<user>_t<timestamp>_k<task>_<n>`` (unique per shard). Nothing here uses pickles: ``np.load(..., allow_pickle=False)``.
 
 Integrity checks read only footers / tar headers, so the driver can check every shard before workers start; each
 error names the file (and the column, for schema mismatches).
@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lsvcr_dist.schema import INSTANCE, Col, SchemaError, numpy_to_table, resolve_shape, validate_schema
+from lsvcr_dist.schema import INSTANCE, Col, SchemaError, fixed_list_to_numpy, numpy_to_fixed_list, numpy_to_table, \
+    resolve_shape, validate_schema
 
 WDS_SUFFIX = "inst.npy"
 """Tar member suffix (and Ray ``read_webdataset`` column name) of an encoded instance."""
@@ -29,6 +30,42 @@ WDS_SUFFIX = "inst.npy"
 
 class ShardError(SchemaError):
     """A shard (or raw input part) is truncated, corrupt or does not match its schema; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------------- nested columns
+# pyarrow 26 computes WRONG values (or segfaults) when ``take``/``filter`` run on a *sliced* nested
+# fixed_size_list array (e.g. ``[L, K]`` ``comment_hist_comments``); Ray Data slices, takes and filters blocks
+# when it sorts, splits and shuffles. So inside Ray every nested column travels flattened to one level
+# (``[L*K]``), which those kernels handle correctly; shards on disk keep the nested INSTANCE types.
+def flatten_nested(table: pa.Table) -> pa.Table:
+    """Replace every nested fixed_size_list column by a one-level one of the same row-major values."""
+    for i, field in enumerate(table.schema):
+        t = field.type
+        if pa.types.is_fixed_size_list(t) and pa.types.is_fixed_size_list(t.value_type):
+            shape = []
+            while pa.types.is_fixed_size_list(t):
+                shape.append(t.list_size)
+                t = t.value_type
+            x = fixed_list_to_numpy(table.column(i), tuple(shape)).reshape(table.num_rows, -1)
+            table = table.set_column(i, field.name, numpy_to_fixed_list(x))
+    return table
+
+
+def to_instance_table(batch: pa.Table | dict, dims: dict[str, int]) -> pa.Table:
+    """INSTANCE columns of ``batch`` (nested or flattened fixed lists, sliced or not) -> a fresh INSTANCE table
+    with the contract's nested types (goes through numpy, so no pyarrow selection kernel touches nested data)."""
+    cols = {}
+    for name, col in INSTANCE.items():
+        shape = resolve_shape(col.shape, dims)
+        x = batch[name]
+        if isinstance(x, (pa.Array, pa.ChunkedArray)):
+            t, depth = x.type, 0
+            while pa.types.is_fixed_size_list(t):
+                depth, t = depth + 1, t.value_type
+            flat = (int(np.prod(shape)),) if depth == 1 and len(shape) > 1 else shape
+            x = fixed_list_to_numpy(x, flat) if shape else x.to_numpy()
+        cols[name] = np.asarray(x).reshape((-1, *shape))
+    return numpy_to_table(cols, INSTANCE, dims)
 
 
 # --------------------------------------------------------------------------------------------------- record dtype

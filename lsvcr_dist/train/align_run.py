@@ -38,13 +38,12 @@ def validate_prepared(cfg: AlignStageConfig) -> dict:
     return manifest
 
 
-def build_align_dataset(cfg: AlignStageConfig, manifest: dict, limit: int | None = None):
+def build_align_dataset(cfg: AlignStageConfig, instances=None):
     """Train INSTANCE shards -> ``map_batches(AlignTransform)`` -> ALIGN_BATCH rows (a lazy ``ray.data.Dataset``).
 
     Args:
         cfg: alignment config (``ingest``, ``llm``, ``comdiv``, ``seed``).
-        manifest: the data manifest (lists the shards).
-        limit: keep only the first N rows (tests comparing worker counts on identical rows).
+        instances: an INSTANCE-row dataset to transform instead of the whole train split (tests pick rows).
     """
     import ray.data
 
@@ -53,9 +52,7 @@ def build_align_dataset(cfg: AlignStageConfig, manifest: dict, limit: int | None
 
     data_dir = Path(cfg.run_dir) / "data"
     # validate=False: validate_prepared already checked every shard on the driver.
-    ds = read_instances(data_dir, "train", fmt=cfg.ingest.format, validate=False)
-    if limit is not None:
-        ds = ds.limit(limit)
+    ds = read_instances(data_dir, "train", fmt=cfg.ingest.format, validate=False) if instances is None else instances
     return ds.map_batches(
         AlignTransform,
         fn_constructor_kwargs=dict(data_dir=str(data_dir), llm=asdict(cfg.llm), comdiv=asdict(cfg.comdiv),
@@ -111,13 +108,18 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
     )
 
 
-def run_align(cfg: AlignStageConfig, limit: int | None = None, fault_inject: str | None = None):
+def run_align(cfg: AlignStageConfig, instances=None, fault_inject: str | None = None):
     """Validate, build the dataset and trainer, resume if a complete checkpoint exists, ``fit()``.
+
+    Args:
+        cfg: resolved config.
+        instances: optional INSTANCE-row dataset (default: the whole train split).
+        fault_inject: ``step:N`` test hook (see ``build_trainer``).
 
     Returns:
         The Ray ``Result``.
     """
-    manifest = validate_prepared(cfg)
-    ds = build_align_dataset(cfg, manifest, limit)
+    validate_prepared(cfg)
+    ds = build_align_dataset(cfg, instances)
     resume = find_latest_complete(Path(cfg.run_dir) / "align") if cfg.checkpoint.resume else None
     return build_trainer(cfg, ds, str(resume) if resume else None, fault_inject).fit()

@@ -219,13 +219,13 @@ def run_window(cfg, data_dir: str, batches, warmup: int, steps: int, *, referenc
         torch.cuda.reset_peak_memory_stats()
     it = iter(batches)
     timer = SectionTimer(cuda)
-    counts, losses, t_start = StepCounts(), [], 0.0
+    counts, losses, t_start, processed = StepCounts(), [], 0.0, [0, 0]
     for i in range(warmup + steps):
         if i == warmup:
             if dist.is_initialized():
                 dist.barrier()
             timer = SectionTimer(cuda)
-            counts, t_start = StepCounts(), time.perf_counter()
+            counts, t_start, processed = StepCounts(), time.perf_counter(), [0, 0]
         timer.start()
         try:
             raw = next(it)
@@ -243,6 +243,8 @@ def run_window(cfg, data_dir: str, batches, warmup: int, steps: int, *, referenc
         if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"rank {rank}: non-finite loss {m['loss']} at micro-step {i}")
         counts.add(batch_counts(batch, text, m["n_target_tokens"]))
+        processed[0] += batch["prompt_input_ids"].numel()  # padding included: what the kernels actually see
+        processed[1] += text.input_ids.numel() if text.input_ids is not None else 0
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t_start
@@ -252,7 +254,8 @@ def run_window(cfg, data_dir: str, batches, warmup: int, steps: int, *, referenc
                              sr_params=sr_params, sr_dim=cfg.sr.dim, text_grad=cfg.text_source == "online")
     return {"rank": rank, "elapsed_s": elapsed, "sections": timer.total, "samples": counts.samples,
             "prompt_tokens": counts.prompt_tokens, "text_tokens": counts.text_tokens,
-            "target_tokens": counts.target_tokens, "flops": flops, "peak_memory_bytes": _peak_memory_bytes(cuda),
+            "target_tokens": counts.target_tokens, "processed_prompt_tokens": processed[0],
+            "processed_text_tokens": processed[1], "flops": flops, "peak_memory_bytes": _peak_memory_bytes(cuda),
             "peak_flops": float(peak_flops), "losses": losses, "device": device,
             "torch_threads": torch.get_num_threads()}
 
@@ -284,6 +287,11 @@ def summarize(per_rank: list[dict]) -> dict:
         "text_tokens_per_s": sum(r["text_tokens"] for r in per_rank) / elapsed,
         "tflops": flops / elapsed / 1e12, "mfu": mfu(flops / elapsed, peak) if peak > 0 else float("nan"),
         "peak_tflops_per_device": peak / n / 1e12,
+        "padding_overhead": {  # processed / real tokens (1.0 = no padding work)
+            "prompt": sum(r.get("processed_prompt_tokens", 0) for r in per_rank)
+            / max(1, sum(r["prompt_tokens"] for r in per_rank)),
+            "text": sum(r.get("processed_text_tokens", 0) for r in per_rank)
+            / max(1, sum(r["text_tokens"] for r in per_rank))},
         "flops_by_term": {k: sum(r["flops"][k] for r in per_rank) for k in per_rank[0]["flops"]},
         "step_time_breakdown_s": breakdown,
         "peak_memory_bytes_per_worker": [r["peak_memory_bytes"] for r in sorted(per_rank, key=lambda r: r["rank"])],

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from lsvcr_dist.config import from_dict
 from lsvcr_dist.train.align_step import micro_step, reduce_metrics, seed_micro_step, text_inputs, to_tensors
+from lsvcr_dist.train.bench import trim_prompts, trim_text  # [engineer F hook]
 from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
 
 FAULT_ENV = "LSVCR_FAULT_INJECT"
@@ -231,8 +232,11 @@ def train_loop_per_worker(config: dict) -> None:
                 pos.micro_in_epoch += 1
                 continue
             seed_micro_step(cfg.seed, w.rank, micro_index)
-            pending.append(micro_step(w.engine, w.loss_fn, to_tensors(batch, w.device),
-                                      text_inputs(batch, w.num_videos, w.encode_texts, w.device), cfg.rand_pos))
+            batch_t = to_tensors(batch, w.device)
+            text = text_inputs(batch, w.num_videos, w.encode_texts, w.device)
+            if cfg.trim_padding:  # [engineer F hook] exact cut of right padding (benchmarks/RESULTS.md, issue 6)
+                batch_t, text = trim_prompts(batch_t), trim_text(text)
+            pending.append(micro_step(w.engine, w.loss_fn, batch_t, text, cfg.rand_pos))
             micro_index += 1
             pos.micro_in_epoch += 1
             if len(pending) < w.accum:

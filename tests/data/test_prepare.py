@@ -44,7 +44,14 @@ def events_table(rows=EVENTS, user: int = 7) -> pa.Table:
 
 
 def rows_of(table: pa.Table) -> list[dict]:
-    return table.to_pylist()
+    """Rows with the nested INSTANCE types back (the UDF streams comment_hist_comments flattened to [L*K])."""
+    from lsvcr_dist.data.shards import to_instance_table
+
+    assert table.schema.field("comment_hist_comments").type == pa.list_(pa.int64(), 6)
+    nested = to_instance_table(table, DIMS)
+    for extra in ("split", "_seq", "_reason"):
+        nested = nested.append_column(extra, table.column(extra))
+    return nested.to_pylist()
 
 
 def test_user_instances_by_hand():

@@ -108,3 +108,16 @@ def test_wds_wrong_shape_named():
 def test_missing_shard_file_named(tmp_path):
     with pytest.raises(ShardError, match=r"nope\.parquet: file listed in the manifest does not exist"):
         shards.check_parquet_file(tmp_path / "nope.parquet", INSTANCE, DIMS)
+
+
+def test_flatten_and_rebuild_sliced_nested_columns():
+    """pyarrow 26 take/filter corrupt sliced nested fixed lists; the flattened layout and to_instance_table don't."""
+    t = make_table(40, seed=3)
+    flat = shards.flatten_nested(t)
+    assert flat.schema.field("comment_hist_comments").type == pa.list_(pa.int64(), 6)
+    idx = np.array([30, 12, 17, 5])
+    taken = flat.slice(5, 30).take(pa.array(idx - 5))  # the kernel Ray uses when it shuffles/sorts
+    back = shards.to_instance_table(taken, DIMS)
+    want = t.to_pylist()
+    assert back.to_pylist() == [want[i] for i in idx]
+    assert shards.to_instance_table(t.slice(7, 3), DIMS).to_pylist() == want[7:10]
