@@ -99,15 +99,22 @@ def ensure_data(config: str, overrides: list[str], run_dir: Path) -> None:
     prepare(load_config(config, "prepare", _stage_overrides("prepare", overrides)), log=lambda *_: None)
 
 
+def _align_dataset(cfg, rows: int):
+    """The training pipeline (``align_run.build_align_dataset``) over the first ``rows`` train INSTANCE rows."""
+    from lsvcr_dist.data.ingest import read_instances
+    from lsvcr_dist.train.align_run import build_align_dataset
+
+    data_dir = Path(cfg.run_dir) / "data"
+    return build_align_dataset(cfg, read_instances(data_dir, "train", fmt=cfg.ingest.format).limit(rows))
+
+
 def measure_ingest(cfg, manifest: dict, rows: int) -> dict:
     """Rows/s Ray Data delivers of the transformed ALIGN dataset (same pipeline as training, no model).
 
     ``rows_per_s`` counts from the call (actor start and tokenizer load included: a lower bound);
     ``rows_per_s_after_first_batch`` from the first batch on (rows already buffered then make it an upper bound).
     """
-    from lsvcr_dist.train.align_run import build_align_dataset
-
-    ds = build_align_dataset(cfg, manifest, limit=rows)
+    ds = _align_dataset(cfg, rows)
     t0 = time.perf_counter()
     first, n, n0 = None, 0, 0
     for b in ds.iter_batches(batch_size=cfg.deepspeed.micro_batch, batch_format="numpy"):
@@ -127,12 +134,11 @@ def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
 
     from lsvcr_dist.config import to_dict
     from lsvcr_dist.data.ingest import ingest_data_config
-    from lsvcr_dist.train.align_run import build_align_dataset
     from lsvcr_dist.train.bench import ray_bench_worker, summarize
 
     w = cfg.scaling.num_workers
     out = tmp / f"ours_w{w}.json"
-    ds = build_align_dataset(cfg, manifest, limit=(args.warmup + args.steps) * cfg.deepspeed.micro_batch * w)
+    ds = _align_dataset(cfg, (args.warmup + args.steps) * cfg.deepspeed.micro_batch * w)
     loop = {"cfg": to_dict(cfg), "data_dir": str(Path(cfg.run_dir) / "data"), "warmup": args.warmup,
             "steps": args.steps, "trim": args.trim and cfg.trim_padding, "peak_flops": _peak(args), "out": str(out),
             "threads": threads, "prefetch_batches": cfg.ingest.prefetch_batches}

@@ -48,7 +48,7 @@ def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path) -> N
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_ray_job_submit_align(tiny_prepared, tmp_path):
     data, _, _ = tiny_prepared
     run_dir = tmp_path / "run"
@@ -67,7 +67,7 @@ def test_ray_job_submit_align(tiny_prepared, tmp_path):
         env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_http(f"{address}/api/version", 180, head, tmp_path / "head.log")
+        _wait_http(f"{address}/api/version", 480, head, tmp_path / "head.log")
         runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
         sub_id = f"lsvcr-align-{os.getpid()}"

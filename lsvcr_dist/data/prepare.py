@@ -4,13 +4,17 @@ Steps (``prepare(cfg)``):
 
 1. On the driver: ``raw.validate_raw`` checks every raw part file (schema, ids, order); a truncated part fails
    here naming the file, before any Ray task starts.
-2. Lookup tables: comments sorted by id (``data/tables/comments.parquet`` + an Arrow IPC copy for memory mapping);
-   per-video top-P popular comments via ``groupby("video_id").map_groups`` (``data/tables/videos.parquet``).
+2. Lookup tables, streamed on the driver (O(batch) memory plus id-indexed int arrays): comments by id
+   (``data/tables/comments.parquet`` + an Arrow IPC twin for memory mapping; Ray Data sorts them first if the raw
+   parts are not in id order), per-video top-P popular comments by one lexsort (``data/tables/videos.parquet``).
 3. Instances: both interaction tables are read with ``ray.data.read_parquet``, normalised to one event stream,
    grouped by user (``groupby("user_id").map_groups(instances.build_user_instances)``). The time split is by
    calendar day (UTC) of the target: the last ``test_days`` days are test, the ``val_days`` before validation.
-4. Each split is sorted by ``(user_id, _seq)`` (same bytes for any block layout) and streamed to Parquet and
-   WebDataset shards of ``shard_rows`` rows; the manifest records counts, dims, shards and filtered reasons.
+4. One Ray sort by ``(split, user_id, _seq)`` (same bytes for any block layout) is streamed to Parquet and
+   WebDataset shards of ``shard_rows`` rows per split; the manifest records counts, dims, shards, filter reasons.
+
+Inside Ray the nested ``comment_hist_comments`` column is flattened (``shards.flatten_nested``: pyarrow 26
+corrupts sliced nested fixed lists in take/filter); shards on disk have the exact nested INSTANCE schema.
 """
 
 from __future__ import annotations

@@ -17,6 +17,24 @@ from lsvcr_dist.train.checkpoint import find_latest_complete
 RUN_NAME = "checkpoints"
 
 
+class StreamAlignTransform:
+    """``AlignTransform`` over batches as ``read_instances`` streams them.
+
+    ``read_instances`` ships ``comment_hist_comments`` flattened to ``[L*K]`` (pyarrow corrupts nested fixed lists in
+    Ray's take/filter kernels); ``ingest.to_numpy_batch`` restores ``[B, L, K]`` before the transform runs.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        from lsvcr_dist.data.transforms import AlignTransform
+
+        self.inner = AlignTransform(**kwargs)
+
+    def __call__(self, batch):
+        from lsvcr_dist.data.ingest import to_numpy_batch
+
+        return self.inner(to_numpy_batch(batch, self.inner.dims))
+
+
 def validate_prepared(cfg: AlignStageConfig) -> dict:
     """Check the data manifest and every train shard's schema on the driver, before any worker starts.
 
@@ -48,13 +66,12 @@ def build_align_dataset(cfg: AlignStageConfig, instances=None):
     import ray.data
 
     from lsvcr_dist.data.ingest import read_instances
-    from lsvcr_dist.data.transforms import AlignTransform
 
     data_dir = Path(cfg.run_dir) / "data"
     # validate=False: validate_prepared already checked every shard on the driver.
     ds = read_instances(data_dir, "train", fmt=cfg.ingest.format, validate=False) if instances is None else instances
     return ds.map_batches(
-        AlignTransform,
+        StreamAlignTransform,
         fn_constructor_kwargs=dict(data_dir=str(data_dir), llm=asdict(cfg.llm), comdiv=asdict(cfg.comdiv),
                                    seed=cfg.seed),
         batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,

@@ -252,3 +252,30 @@ def test_prepare_job_rejects_unknown_key(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         prepare_data.main(["--config", "jobs/configs/tiny.yaml", "prepare.shard_rowz=5"])
     assert e.value.code == 2 and "shard_rowz" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_text_tables_against_raw(tiny_prepared):
+    """TextTables: titles, comment texts, unified text ids, popular comments = top-P by (popularity desc, id)."""
+    from lsvcr_dist.data.raw import read_raw_table
+    from lsvcr_dist.data.tables import TextTables
+
+    run_dir, _, _ = tiny_prepared
+    tt = TextTables.load(Path(run_dir) / "data")
+    videos = read_raw_table(Path(run_dir) / "raw", "videos").to_pydict()
+    comments = read_raw_table(Path(run_dir) / "raw", "comments").to_pydict()
+    title = dict(zip(videos["video_id"], videos["title"]))
+    text = dict(zip(comments["comment_id"], comments["text"]))
+    assert (tt.num_videos, tt.num_comments, tt.num_popular) == (400, 4000, 10)
+    assert tt.titles([3, 0, 400]) == [title[3], "", title[400]]
+    assert tt.comment_texts(np.array([[1, 4000]])) == [text[1], text[4000]]
+    assert tt.texts([0, 7, 400 + 9]) == ["", title[7], text[9]]
+    by_video: dict[int, list] = {}
+    for c, v, p in zip(comments["comment_id"], comments["video_id"], comments["popularity"]):
+        by_video.setdefault(v, []).append((-p, c))
+    for v in (1, 2, 57, 400):
+        want = [c for _, c in sorted(by_video.get(v, []))[:10]]
+        assert tt.popular_comments([v])[0].tolist() == want + [0] * (10 - len(want))
+    with pytest.raises(KeyError, match="unknown video id 401"):
+        tt.titles([401])
