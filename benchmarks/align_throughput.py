@@ -1,15 +1,17 @@
 """Alignment-step throughput: ours (Ray Data -> Ray Train + DeepSpeed) vs the public code's recipe, side by side.
 
     python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --out /tmp/align_tp.json
-    python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --out f.json --workers 1,2 --steps 10
-    # GPU (bf16, ChatGLM3-6B shape, random weights):
+    python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --out f.json --workers 1,2 --threads 1
+    python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --out ab.json --ab 6   # paired A/B
+    # GPU (bf16, ChatGLM3-6B shape, random weights); dotted overrides go LAST:
     python benchmarks/align_throughput.py --config jobs/configs/tiny.yaml --model chatglm3-6b-shaped \
-        --workers 1 --warmup 3 --steps 10 --out gpu.json scaling.use_gpu=true llm.max_prompt_len=1024
+        --workers 1 --warmup 3 --steps 10 --out gpu.json scaling.use_gpu=true deepspeed.micro_batch=2 \
+        llm.gradient_checkpointing=true
 
-For every worker count W (weak scaling: fixed micro batch per worker, global batch = micro x W so every micro-step
-is an optimizer step): (1) the Ray Data ingest rate (the same transformed dataset iterated without a model),
-(2) ours: ``lsvcr_dist.train.bench.ray_bench_worker`` in a ``TorchTrainer``, (3) the reference recipe:
-``reference_bench_worker`` under ``torch.multiprocessing.spawn`` with in-memory pre-transformed batches, local
+Once: the Ray Data ingest rate (the same transformed dataset iterated by the driver without a model). For every
+worker count W (weak scaling: fixed micro batch per worker, global batch = micro x W so every micro-step is an
+optimizer step): (1) ours: ``lsvcr_dist.train.bench.ray_bench_worker`` in a ``TorchTrainer``, (2) the reference
+recipe: ``reference_bench_worker`` under ``torch.multiprocessing.spawn`` with in-memory pre-transformed batches, local
 negatives, padded prompts, full-vocabulary logits, ZeRO-2. Writes one JSON (top level = ours at the largest W) and
 a PNG of the scaling. Tokens = real prompt tokens (instruction + target + eos) + real text-encoder tokens.
 Generates and prepares the config's tiny data into ``run_dir`` first when ``run_dir/data`` is missing.
@@ -52,6 +54,8 @@ def _extra(p) -> None:
                    help="per-device peak; 0 = H100/H200 bf16 989.4 by name on CUDA, fp32 matmul probe on CPU")
     p.add_argument("--ingest-rows", type=int, default=256,
                    help="rows of the ingest-rate measurement (at least the run's own rows)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker, both recipes (0 = CPU cores // workers); 1 = one core per worker")
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: paired A/B of the speed-work items (trim, target_logits, sdpa, grad_checkpointing) "
                         "in one process for ROUNDS rounds")
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     phases["ingest"] = time.perf_counter() - t0
     for w in workers:
         cfg = load_config(args.config, "align", argv_overrides + [f"scaling.num_workers={w}", f"global_batch={mb * w}"])
-        threads = max(1, cpus // w)  # same thread budget for both recipes: W processes share the cores
+        threads = args.threads or max(1, cpus // w)  # same thread budget for both recipes
         if not args.peak_tflops and not cfg.scaling.use_gpu:
             # One CPU "peak" per W, probed here with the workers' thread count, shared by both recipes so their
             # MFUs have the same denominator (a probe inside each worker is at the mercy of the box's load).
@@ -339,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_counted": "real prompt tokens (instruction + target + eos) + real text-encoder tokens",
         "flops_counted": "model FLOPs of real tokens (lsvcr_dist/flops.py); padding/recompute not counted",
         "model": args.model, "micro_batch": base_cfg.deepspeed.micro_batch, "warmup": args.warmup,
-        "steps": args.steps, "trim": args.trim, "zero_stage": base_cfg.deepspeed.zero_stage,
+        "steps": args.steps, "threads_per_worker": args.threads or "cores // workers", "trim": args.trim,
+        "zero_stage": base_cfg.deepspeed.zero_stage,
         "scaling": {
             "workers": [r["workers"] for r in runs],
             "samples_per_s": [r["ours"]["samples_per_s"] for r in runs],

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path) -> None:
+def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path, ray_tmp: str) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if head.poll() is not None:
@@ -42,9 +43,12 @@ def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path) -> N
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError:
+            return  # the dashboard answers (e.g. 401 when token auth is on): it is up
         except OSError:
             time.sleep(2)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+    dash_logs = "".join(p.read_text()[-1500:] for p in Path(ray_tmp).glob("session_latest/logs/dashboard*"))
+    raise TimeoutError(f"{url} did not answer within {timeout}s\n{dash_logs}")
 
 
 @pytest.mark.ray
@@ -54,20 +58,25 @@ def test_ray_job_submit_align(tiny_prepared, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "data").symlink_to(Path(data) / "data")
-    gcs, dash, client = _free_ports(3)
+    # Every port explicit: other Ray instances on this machine hold the fixed defaults (e.g. agent port 52365).
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(9)
     # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for --temp-dir.
     ray_tmp = tempfile.mkdtemp(prefix="lsvcr-js-", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "RAY_AUTH_MODE": "disabled"}  # loopback-only test head: no token for the CLI to find
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}",
+         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
          "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
         env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_http(f"{address}/api/version", 480, head, tmp_path / "head.log")
+        _wait_http(f"{address}/api/version", 480, head, tmp_path / "head.log", ray_tmp)
         runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
         sub_id = f"lsvcr-align-{os.getpid()}"

@@ -85,6 +85,33 @@ def keep_recent(hist: np.ndarray, lengths: np.ndarray, keep: int) -> np.ndarray:
     return np.where(real.reshape(b, keep, *([1] * (hist.ndim - 2))), out, 0)
 
 
+def arrow_to_numpy(table: pa.Table, dims: dict) -> dict[str, np.ndarray]:
+    """INSTANCE columns of an Arrow batch as ``[B, ...]`` ndarrays.
+
+    Shapes come from each column's own ``fixed_size_list`` nesting, then are reshaped to the INSTANCE shape: the
+    streaming reader flattens ``comment_hist_comments`` to ``[B, L*K]`` inside Ray (nested fixed lists do not survive
+    every Ray Data operator), which becomes ``[B, L, K]`` here.
+
+    Raises:
+        schema.SchemaError: a column whose size does not fit its INSTANCE shape (named).
+    """
+    out = {}
+    for name, col in schema.INSTANCE.items():
+        arr = table.column(name)
+        shape, t = [], arr.type
+        while pa.types.is_fixed_size_list(t):
+            shape.append(t.list_size)
+            t = t.value_type
+        x = schema.fixed_list_to_numpy(arr, tuple(shape)) if shape else arr.to_numpy(zero_copy_only=False)
+        want = schema.resolve_shape(col.shape, dims)
+        if x.shape[1:] != want:
+            if int(np.prod(x.shape[1:], dtype=np.int64)) != int(np.prod(want, dtype=np.int64)):
+                raise schema.SchemaError(f"column '{name}': per-row shape {x.shape[1:]} does not fit {want}")
+            x = x.reshape((len(x), *want))
+        out[name] = x
+    return out
+
+
 class FinetuneTransform:
     """Callable class for ``map_batches``: INSTANCE rows -> FINETUNE_BATCH ndarrays.
 
@@ -131,7 +158,7 @@ class FinetuneTransform:
             missing = [c for c in schema.INSTANCE if c not in batch.column_names]
             if missing:
                 raise schema.SchemaError(f"finetune transform input: missing columns {missing}")
-            batch = schema.table_to_numpy(batch, schema.INSTANCE, self.dims)
+            batch = arrow_to_numpy(batch, self.dims)
         else:
             missing = [c for c in schema.INSTANCE if c not in batch]
             if missing:

@@ -15,7 +15,7 @@ Ray Train's ``DataConfig`` splits every dataset with ``streaming_split(world_siz
 disjoint part with the same number of rows (at most ``world_size - 1`` remainder rows of an epoch are left out so
 all workers take the same number of steps; ``drop_last`` also drops each worker's last partial batch). With
 ``preserve_order`` on (``ingest_data_config``) blocks go to workers greedily by rows received, so the split is
-deterministic, and the local shuffle seeded with ``seed + epoch`` makes every epoch's order reproducible.
+deterministic, and the windowed shuffle seeded with ``seed + epoch`` makes every epoch's order reproducible.
 """
 
 from __future__ import annotations
@@ -200,21 +200,57 @@ class InstanceCollate(ArrowBatchCollateFn):
         return out
 
 
+def shuffled_batches(windows, batch_size: int, rng: np.random.Generator | None, drop_last: bool = True):
+    """Re-batch a stream of tensor windows, permuting rows inside each window with ``rng``.
+
+    Args:
+        windows: iterable of ``{column: Tensor[W, ...]}`` (consecutive rows of the stream).
+        batch_size: rows per yielded batch (rows carry over between windows).
+        rng: permutation source; None keeps the stream order.
+        drop_last: drop the final partial batch.
+
+    Yields:
+        ``{column: Tensor[batch_size, ...]}``. Deterministic given the window stream and the rng seed.
+    """
+    import torch
+
+    carry = None
+    for w in windows:
+        n = len(next(iter(w.values())))
+        if rng is not None:
+            perm = torch.from_numpy(rng.permutation(n))
+            w = {k: v[perm] for k, v in w.items()}
+        if carry is not None:
+            w = {k: torch.cat([carry[k], v]) for k, v in w.items()}
+            n = len(next(iter(w.values())))
+        full = n // batch_size * batch_size
+        for start in range(0, full, batch_size):
+            yield {k: v[start:start + batch_size] for k, v in w.items()}
+        carry = {k: v[full:] for k, v in w.items()} if full < n else None
+    if carry is not None and not drop_last:
+        yield carry
+
+
 def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, local_shuffle_buffer: int = 256,
                    collate_fn=None, dtypes: dict | None = None, prefetch_batches: int = 2, drop_last: bool = True,
                    device: str = "auto", dims: dict | None = None):
     """One epoch over a worker's dataset shard (``ray.train.get_dataset_shard(name)``).
 
+    The shuffle is a windowed one of our own rather than Ray's ``local_shuffle_buffer_size``: Ray's buffer
+    shuffles whatever blocks have arrived, so its order depends on timing; here consecutive windows of
+    ``local_shuffle_buffer`` rows are permuted by ``np.random.default_rng(seed + epoch)``, so an epoch replays
+    exactly from its recorded seed (the block order itself is deterministic with ``ingest_data_config``).
+
     Args:
         shard: the worker's ``DataIterator``.
         batch_size: per-worker batch size.
-        epoch: epoch index; the local shuffle seed is ``seed + epoch`` (record it to replay an epoch).
+        epoch: epoch index; the shuffle seed is ``seed + epoch`` (record it to replay an epoch).
         seed: base seed (``IngestConfig.shuffle_seed``).
-        local_shuffle_buffer: rows in the local shuffle buffer; 0 = stream order (no reshuffle between epochs).
-        collate_fn: converts an Arrow batch to tensors; default ``InstanceCollate(dtypes)`` (fixed lists ->
-            ``[B, ...]`` tensors). Ray's default collate cannot handle fixed_size_list columns.
+        local_shuffle_buffer: rows per shuffle window; 0 = stream order (no reshuffle between epochs).
+        collate_fn: converts an Arrow batch to tensors; default ``InstanceCollate(dtypes, dims=dims)`` (fixed lists
+            -> ``[B, ...]`` tensors). Ray's default collate cannot handle fixed_size_list columns.
         dtypes: torch dtypes per column for the default collate.
-        prefetch_batches: batches prefetched in the background.
+        prefetch_batches: batches (windows) prefetched in the background.
         drop_last: drop the last partial batch (every worker takes the same number of steps).
         device: where Ray moves the tensors (``auto``: the worker's GPU if any).
         dims: manifest dims for the default collate (``comment_hist_comments`` as ``[B, L, K]``).
@@ -222,11 +258,14 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, local_shuffle_
     Returns:
         An iterable of ``{column: torch.Tensor}`` batches.
     """
-    buffer = local_shuffle_buffer if local_shuffle_buffer > 0 else None
-    return shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=drop_last, prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=buffer, local_shuffle_seed=(seed + epoch) if buffer else None,
-        collate_fn=collate_fn or InstanceCollate(dtypes, dims=dims), device=device)
+    collate = collate_fn or InstanceCollate(dtypes, dims=dims)
+    if local_shuffle_buffer <= 0:
+        return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, prefetch_batches=prefetch_batches,
+                                        collate_fn=collate, device=device)
+    window = max(local_shuffle_buffer, batch_size)
+    windows = shard.iter_torch_batches(batch_size=window, drop_last=False, prefetch_batches=prefetch_batches,
+                                       collate_fn=collate, device=device)
+    return shuffled_batches(windows, batch_size, np.random.default_rng(seed + epoch), drop_last)
 
 
 def ingest_data_config(preserve_order: bool = True):

@@ -141,3 +141,20 @@ def test_two_worker_ingest_every_row_once(tiny_prepared, tmp_path):
         assert seen == expected  # every row exactly once, content intact
         assert not (set(map(tuple, (k[:4] for k in k0))) & set(map(tuple, (k[:4] for k in k1))))
     assert [k[:3] for k in recs[(0, 0)]["keys"]] != [k[:3] for k in recs[(0, 1)]["keys"]]
+
+
+def test_shuffled_batches_deterministic_cover_all():
+    import torch
+
+    from lsvcr_dist.data.ingest import shuffled_batches
+
+    windows = [{"x": torch.arange(s, min(s + 10, 37))} for s in range(0, 37, 10)]
+    run = lambda seed, drop: [b["x"].tolist() for b in shuffled_batches(  # noqa: E731
+        windows, 4, None if seed is None else np.random.default_rng(seed), drop)]
+    assert run(None, True) == [list(range(i, i + 4)) for i in range(0, 36, 4)]
+    a, a2, b = run(5, True), run(5, True), run(6, True)
+    assert a == a2 and a != b and len(a) == 9 and all(len(x) == 4 for x in a)
+    flat = [v for x in run(5, False) for v in x]
+    assert sorted(flat) == list(range(37)) and len(run(5, False)[-1]) == 1
+    # rows move only inside their window of 10 (bounded reordering, like a shuffle buffer)
+    assert sorted(flat[:10]) == list(range(10))

@@ -185,3 +185,22 @@ def test_baselines_learn_and_round_trip(run, kind, task):
     vb = next(iter_split(run / "data", "val", task, 12))
     with torch.no_grad():
         assert torch.equal(model.eval_scores(vb)[0], loaded.eval_scores(vb)[0])
+
+
+def test_transform_accepts_flattened_nested_column(run):
+    """The streaming reader flattens comment_hist_comments to [B, L*K]; the transform restores [B, L, K]."""
+    import pyarrow as pa
+
+    data = run / "data"
+    table = pq.read_table(data / "parquet" / "val" / "part-00000.parquet")
+    ref = FinetuneTransform(str(data), train=False)(table)
+    flat = F.schema.fixed_list_to_numpy(table.column("comment_hist_comments"), (F.DIMS["L"], F.DIMS["K"]))
+    idx = table.column_names.index("comment_hist_comments")
+    flat_col = F.schema.numpy_to_fixed_list(flat.reshape(len(flat), -1))
+    table2 = table.set_column(idx, pa.field("comment_hist_comments", flat_col.type), flat_col)
+    got = FinetuneTransform(str(data), train=False)(table2)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)
+    bad_col = F.schema.numpy_to_fixed_list(flat.reshape(len(flat), -1)[:, :5])
+    table3 = table.set_column(idx, pa.field("comment_hist_comments", bad_col.type), bad_col)
+    with pytest.raises(F.schema.SchemaError, match=r"column 'comment_hist_comments': per-row shape \(5,\)"):
+        FinetuneTransform(str(data), train=False)(table3)
