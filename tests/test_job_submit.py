@@ -80,12 +80,16 @@ def test_ray_job_submit_align(tiny_prepared, tmp_path):
         runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}}
         sub_id = f"lsvcr-align-{os.getpid()}"
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
-             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "jobs/align.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
-             "max_steps=3", "global_batch=8", "deepspeed.micro_batch=4", "checkpoint.every_steps=3"],
-            env=env, capture_output=True, text=True, timeout=180)
+        for _ in range(20):  # the job agent starts after the dashboard: "No available agent" until then
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
+                 "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+                 "python", "jobs/align.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run_dir}",
+                 "max_steps=3", "global_batch=8", "deepspeed.micro_batch=4", "checkpoint.every_steps=3"],
+                env=env, capture_output=True, text=True, timeout=180)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(15)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         status, end = "", time.time() + 600
         while time.time() < end:
