@@ -59,6 +59,9 @@ def init_ray(num_cpus: int | None = None, runtime_env: dict | None = None) -> No
     if runtime_env:
         env = {**env, **runtime_env, "env_vars": {**env["env_vars"], **runtime_env.get("env_vars", {})}}
     if os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` the job's runtime_env already applies and Ray refuses a driver runtime_env that
+        # repeats one of its env keys: add only variables the job did not set (they are in os.environ already).
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in os.environ}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
         ray.init(
