@@ -266,6 +266,8 @@ class PrepareConfig:
     """Output formats written side by side."""
     num_partitions: int = 0
     """Ray Data shuffle partitions of the per-user group-by; 0 = one per 250k interactions (at least 2)."""
+    unseen_user_frac: float = 0.0
+    """Users held out of train/val (seeded per user); their test rows are the 4.4.2 unseen-users subset."""
 
 
 @dataclass

@@ -91,17 +91,18 @@ def test_ray_job_submit_align(tiny_prepared, tmp_path):
                 break
             time.sleep(15)
         assert submit.returncode == 0, submit.stdout + submit.stderr
-        status, end = "", time.time() + 600
+        # Poll through the job SDK: the CLI's status wording differs between Ray versions.
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(address)
+        status, end = None, time.time() + 600
         while time.time() < end:
-            out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sub_id], env=env,
-                                 capture_output=True, text=True, timeout=60).stdout
-            status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
-            if status:
+            status = client.get_job_status(sub_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                 break
             time.sleep(5)
-        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, sub_id], env=env,
-                              capture_output=True, text=True, timeout=60).stdout
-        assert status == "SUCCEEDED", logs[-4000:]
+        logs = client.get_job_logs(sub_id)
+        assert status == JobStatus.SUCCEEDED, f"{status}: {logs[-4000:]}"
     finally:
         os.kill(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:

@@ -50,6 +50,8 @@ class PrepContext:
     dims: dict
     seed: int
     comment_pad: str
+    unseen_user_frac: float = 0.0
+    """Fraction of users held out of train/val entirely (4.4.2 unseen users); see ``is_held_out_user``."""
 
     def comments_of(self, video: int) -> np.ndarray:
         """Comment ids under ``video`` (possibly empty)."""
@@ -59,6 +61,12 @@ class PrepContext:
 def split_of_day(day: np.ndarray, val_start_day: int, test_start_day: int) -> np.ndarray:
     """Split index per calendar day (0 train, 1 val, 2 test): test from ``test_start_day``, val from ``val_start_day``."""
     return np.where(day >= test_start_day, 2, np.where(day >= val_start_day, 1, 0))
+
+
+def is_held_out_user(seed: int, user_id: int, frac: float) -> bool:
+    """Whether ``user_id`` is one of the held-out "unseen users" of 4.4.2: a seeded draw per user, so the
+    choice does not depend on partitioning or on which other users exist."""
+    return frac > 0 and bool(np.random.default_rng([int(seed), int(user_id), 442]).random() < frac)
 
 
 def instance_rng(seed: int, user_id: int, timestamp: int, task: int) -> np.random.Generator:
@@ -199,7 +207,11 @@ def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
     target_comments = np.concatenate([np.zeros((len(v_ts), K), np.int64), c_mat])
     split_idx = split_of_day(t_ts // SECONDS_PER_DAY, ctx.val_start_day, ctx.test_start_day)
     empty = (nv == 0) & (nc == 0)
-    keep = ~empty
+    # 4.4.2 unseen users: their train/val instances are filtered (counted as held_out_user), test ones kept
+    held = np.zeros(len(t_ts), bool)
+    if is_held_out_user(ctx.seed, uid, ctx.unseen_user_frac):
+        held = ~empty & (split_idx < 2)
+    keep = ~empty & ~held
     user_seen = int(np.any(keep & (split_idx == 0)))
 
     cand_videos = np.zeros((n, d["NV"]), np.int64)
@@ -233,8 +245,9 @@ def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
     seq = np.empty(n, np.int64)
     seq[np.lexsort((np.arange(n), task, t_ts))] = np.arange(n)
     split = np.array(SPLIT_NAMES, dtype=object)[split_idx]
-    split[empty] = FILTERED
+    split[empty | held] = FILTERED
     reason = np.where(empty, np.where(is_video, "empty_history_video", "empty_history_comment"), "")
+    reason = np.where(held, "held_out_user", reason)
     return (table.append_column("split", pa.array(split.tolist(), pa.string()))
             .append_column("_seq", pa.array(seq, pa.int64()))
             .append_column("_reason", pa.array(reason.tolist(), pa.string())))

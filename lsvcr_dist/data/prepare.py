@@ -302,13 +302,15 @@ def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
     offsets, by_video = _csr(comment_video, nv)
     ctx = PrepContext(num_videos=nv, num_comments=ncm, comment_video=comment_video, video_offsets=offsets,
                       video_comments=by_video, train_videos=train_videos, val_start_day=int(val_start),
-                      test_start_day=int(test_start), dims=dims, seed=cfg.seed, comment_pad=cfg.comment_pad)
+                      test_start_day=int(test_start), dims=dims, seed=cfg.seed, comment_pad=cfg.comment_pad,
+                      unseen_user_frac=cfg.unseen_user_frac)
     inst = events.groupby("user_id", num_partitions=parts).map_groups(
         build_user_instances, fn_kwargs={"ctx": ctx}, batch_format="pyarrow").materialize()
     log(f"[prepare] instances built in {time.time() - t0:.1f}s")
 
     splits = {s: {"video": 0, "comment": 0} for s in SPLIT_NAMES}
-    filtered = {"truncated_comments": truncated, "empty_history_video": 0, "empty_history_comment": 0}
+    filtered = {"truncated_comments": truncated, "empty_history_video": 0, "empty_history_comment": 0,
+                "held_out_user": 0}
     for row in inst.map_batches(_count_rows, batch_format="pyarrow").take_all():
         if row["split"] == FILTERED:
             filtered[row["_reason"]] = filtered.get(row["_reason"], 0) + row["count_all"]

@@ -97,6 +97,28 @@ def test_user_instances_by_hand():
     assert [s for s, _ in seqs] == list(range(8)) and [t for _, t in seqs] == sorted(t for _, t in seqs)
 
 
+def test_held_out_user_keeps_only_test_rows():
+    """4.4.2 unseen users: with frac=1 every train/val row of the user is filtered with reason held_out_user
+    (counted, not silently dropped), the test rows stay and carry user_seen=0; frac=0 holds out nobody."""
+    import dataclasses
+
+    from lsvcr_dist.data.instances import is_held_out_user
+
+    ctx = dataclasses.replace(make_ctx(), unseen_user_frac=1.0)
+    out = rows_of(build_user_instances(events_table(), ctx))
+    by = {(r["task"], r["timestamp"]): r for r in out}
+    assert by[(TASK_VIDEO, 10)]["_reason"] == "empty_history_video"  # the empty-history reason still wins
+    held = [r for r in out if r["_reason"] == "held_out_user"]
+    assert {(r["task"], r["timestamp"]) for r in held} == {(TASK_VIDEO, 20), (TASK_VIDEO, 1 * D),
+                                                          (TASK_VIDEO, 2 * D), (TASK_COMMENT, 20), (TASK_VIDEO, 5 * D)}
+    assert all(r["split"] == "filtered" for r in held)
+    test_rows = [r for r in out if r["split"] == "test"]
+    assert len(test_rows) == 2 and all(r["user_seen"] == 0 for r in test_rows)
+    assert not any(is_held_out_user(7, u, 0.0) for u in range(1, 200))
+    rate = np.mean([is_held_out_user(7, u, 0.1) for u in range(1, 5001)])
+    assert 0.08 < rate < 0.12 and is_held_out_user(7, 123, 0.1) == is_held_out_user(7, 123, 0.1)
+
+
 def test_comment_pad_mask_keeps_real_only():
     out = rows_of(build_user_instances(events_table(), make_ctx("mask")))
     r = next(x for x in out if x["task"] == TASK_COMMENT and x["split"] == "test")
