@@ -192,8 +192,9 @@ def test_tiny_manifest_counts_and_formats(tiny_prepared):
         assert wds.equals(t)  # same rows, same order, same types
         total += t.num_rows
     # every video interaction and comment record is an instance or a counted filter
-    filtered = m["filtered"]["empty_history_video"] + m["filtered"]["empty_history_comment"]
+    filtered = sum(m["filtered"][k] for k in ("empty_history_video", "empty_history_comment", "held_out_user"))
     assert total + filtered == 6000 + 1500
+    assert m["filtered"]["held_out_user"] > 0  # tiny holds out 5 % of users for the 4.4.2 unseen-users subset
     assert m["filtered"]["empty_history_video"] >= 1 and "truncated_comments" in m["filtered"]
 
 
