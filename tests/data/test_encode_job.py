@@ -122,6 +122,8 @@ def test_encode_job_on_ray_matches_local(ray_local, run_dir, capsys):
     assert encode_text.main(argv) == 0
     assert '"count": 18' in capsys.readouterr().out
     ray_store = EmbeddingStore.open(out / "embeddings" / "base")
+    if not (Path(run_dir) / "embeddings" / "base" / "manifest.json").exists():  # run alone (e.g. `-m ray`)
+        encode_texts_local(_cfg(run_dir), log=lambda *_: None)
     local = EmbeddingStore.open(Path(run_dir) / "embeddings" / "base")
     assert ray_store.count == NV + NC and ray_store.manifest["which"] == "base"
     np.testing.assert_array_equal(ray_store.as_tensor().numpy(), local.as_tensor().numpy())
