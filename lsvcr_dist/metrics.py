@@ -11,7 +11,7 @@ higher (ties among positives go by column order, so positions stay a permutation
 Definitions follow the public code (``metrics.py`` there): ``recall@k = #positives in the top k / #positives``,
 ``ndcg@k`` is binary DCG over the positives in the top k divided by the ideal DCG of ``min(#positives, k)`` hits,
 ``mrr = 1 / rank of the first positive`` (untruncated; ``mrr@10`` is the truncated variant the public code can
-compute, reported beside it). Pure torch: no Ray, DeepSpeed or ``torch.distributed``.
+compute, reported beside it). Pure torch: no Ray, DeepSpeed or process-group collectives.
 """
 
 from __future__ import annotations

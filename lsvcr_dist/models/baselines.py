@@ -9,7 +9,7 @@ without L_REG), metrics, checkpoints and TorchScript export apply unchanged:
 * ``DSSM`` (Huang et al. 2013), non-personalised: a query tower over the watched video's title vector and a comment
   tower over comment text vectors (both MLPs on the base LLM vectors). Comment task.
 
-No Ray, DeepSpeed or ``torch.distributed``.
+No Ray, DeepSpeed or process-group collectives.
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ class SASRec(nn.Module):
         return self.item(ids)
 
     def encode_comments(self, text_emb: torch.Tensor) -> torch.Tensor:
-        """Not a comment model."""
-        raise NotImplementedError("SASRec is a video-task baseline")
+        """SASRec is an ID-only video baseline (Table 2); it has no comment tower.
+
+        Raises:
+            ValueError: always; the comment task takes LSVCR or DSSM (``finetune.model``).
+        """
+        raise ValueError("SASRec ranks videos only; use finetune.model=lsvcr or dssm for the comment task")
 
 
 class DSSM(nn.Module):

@@ -10,7 +10,7 @@ and has three methods, traced with ``torch.jit.trace_module``:
 * ``encode_comments(text_emb[N,Din]) -> [N, d]`` normalised candidate comments.
 
 Score = dot product / tau, the same ranking as ``FinetuneModel``. Files: ``<out>/scorer.pt`` + ``<out>/export.json``.
-No Ray, DeepSpeed or ``torch.distributed``.
+No Ray, DeepSpeed or process-group collectives.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ public code's ``FinetuneRecComModel``: videos are encoded with ID + title (Eq. 1
 
 Also here: loading the aligned SR weights with a clear error on any shape mismatch (``load_aligned_state``), and
 the position-table extension from the alignment length to the fine-tune length (3.1.2 / Table 4 'w/o RandPosi').
-No Ray, DeepSpeed or ``torch.distributed`` (boundary rule).
+No Ray, DeepSpeed or process-group collectives (boundary rule).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ only at the positions that predict a target token: ``[n_target, V]`` instead of 
 
 The wrapped LM may be a ``peft.PeftModel`` (LoRA applied from outside by ``llm_builders.apply_lora``) or a plain
 ``PreTrainedModel``; LoRA layers live inside the base modules, so calling the base decoder runs them too. No Ray,
-DeepSpeed or ``torch.distributed`` here: the loop weights ``loss_lm`` across workers with ``n_target_tokens``.
+DeepSpeed or process-group collectives here: the loop weights ``loss_lm`` across workers with ``n_target_tokens``.
 """
 
 from __future__ import annotations

@@ -204,3 +204,12 @@ def test_transform_accepts_flattened_nested_column(run):
     table3 = table.set_column(idx, pa.field("comment_hist_comments", bad_col.type), bad_col)
     with pytest.raises(F.schema.SchemaError, match=r"column 'comment_hist_comments': per-row shape \(5,\)"):
         FinetuneTransform(str(data), train=False)(table3)
+
+
+def test_sasrec_refuses_comment_candidates():
+    """SASRec is the ID-only video baseline: asking it for comment vectors is a clear error, not a silent score."""
+    from lsvcr_dist.models.baselines import SASRec
+
+    model = SASRec(num_videos=5, dim=8, n_layers=1, n_heads=2, inner_size=16, dropout=0.0, max_position=4)
+    with pytest.raises(ValueError, match="SASRec ranks videos only"):
+        model.encode_comments(torch.zeros(3, 8))
