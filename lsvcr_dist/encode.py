@@ -148,22 +148,32 @@ def _check_dtype(cfg) -> None:
         raise ValueError(f"encode.dtype={cfg.dtype!r}: the store is fp16 only")
 
 
+def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
+    """Drain ``{"text_id", "vector"}`` batches into the store at ``run_dir/embeddings/<which>``.
+
+    The writer is opened on the first batch because the vector width (H or the projected text_dim) is only known
+    then. Returns ``(manifest, seconds, writer)``.
+    """
+    t0 = time.perf_counter()
+    writer = None
+    for batch in batches:
+        if writer is None:
+            writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, batch["vector"].shape[1], nv, nc,
+                                     cfg.shard_rows, meta)
+        writer.write(batch["text_id"], batch["vector"])
+    secs = time.perf_counter() - t0
+    return writer.close(), secs, writer
+
+
 def encode_texts_local(cfg, log=print) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
     _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     enc = TextEncoder(**kw)
-    t0 = time.perf_counter()
-    writer = None
-    for start in range(0, nv + nc, cfg.batch_size):
-        out = enc({"id": np.arange(start, min(start + cfg.batch_size, nv + nc))})
-        if writer is None:
-            writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, out["vector"].shape[1], nv, nc,
-                                     cfg.shard_rows, meta)
-        writer.write(out["text_id"], out["vector"])
-    secs = time.perf_counter() - t0
-    manifest = writer.close()
+    batches = (enc({"id": np.arange(start, min(start + cfg.batch_size, nv + nc))})
+               for start in range(0, nv + nc, cfg.batch_size))
+    manifest, secs, _ = _write_store(cfg, batches, nv, nc, meta)
     log(f"encoded {nv + nc} texts in {secs:.1f}s ({(nv + nc) / max(secs, 1e-9):.0f} texts/s), dim {manifest['dim']}")
     return {**manifest, "seconds": secs}
 
@@ -196,15 +206,7 @@ def encode_texts(cfg, log=print) -> dict:
         TextEncoder, fn_constructor_kwargs=kw, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_gpus=1 if use_gpu else 0, num_cpus=cpus,
     )
-    t0 = time.perf_counter()
-    writer = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if writer is None:
-            writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, batch["vector"].shape[1], nv, nc,
-                                     cfg.shard_rows, meta)
-        writer.write(batch["text_id"], batch["vector"])
-    secs = time.perf_counter() - t0
-    manifest = writer.close()
+    manifest, secs, writer = _write_store(cfg, ds.iter_batches(batch_size=None, batch_format="numpy"), nv, nc, meta)
     rate = (nv + nc) / max(secs, 1e-9)
     log(f"encoded {nv + nc} texts ({cfg.which}, dim {manifest['dim']}) with {cfg.num_actors} actor(s) "
         f"{'on GPU' if use_gpu else 'on CPU'} in {secs:.1f}s ({rate:.0f} texts/s) -> {writer.path}")
