@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lsvcr_dist.data.manifest import ManifestError
     from lsvcr_dist.schema import SchemaError
-    from lsvcr_dist.train.align_run import build_align_dataset, build_trainer, validate_prepared
+    from lsvcr_dist.train.align_run import build_align_datasets, build_trainer, validate_prepared
     from lsvcr_dist.train.checkpoint import find_latest_complete
 
     try:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if resume:
         print(f"align: resuming from {resume}")
     t0 = time.time()
-    result = build_trainer(cfg, build_align_dataset(cfg), str(resume) if resume else None).fit()
+    result = build_trainer(cfg, build_align_datasets(cfg), str(resume) if resume else None).fit()
     if result.error:
         print(f"align: training failed: {result.error}", file=sys.stderr)
         return 1

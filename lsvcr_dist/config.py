@@ -190,6 +190,8 @@ class AlignStageConfig:
     """Randomized positional encoding (3.1.2); Table 4 'w/o RandPosi' when False."""
     trim_padding: bool = True
     """Cut prompt/text right padding to the micro-batch's longest real length before the step (exact, less work)."""
+    text_bucket: int = 0
+    """Online texts run in length-sorted chunks of at most this many, each cut to its longest (exact; 0 = one batch)."""
     enabled: bool = True
     """Table 4 'w/o Alignment' when False: the stage is skipped and fine-tune starts from scratch."""
     timeout_s: int = 3600
@@ -209,6 +211,10 @@ class AlignStageConfig:
                 raise ConfigError(f"{name} must be auto, bf16 or fp32 (fp16 is not supported), got {prec!r}")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
+        if self.ingest.epoch_draws < 1:
+            raise ConfigError(f"ingest.epoch_draws must be >= 1, got {self.ingest.epoch_draws}")
+        if self.text_bucket < 0:
+            raise ConfigError(f"text_bucket must be >= 0 (0 = one batch), got {self.text_bucket}")
 
     def grad_accum_steps(self) -> int:
         """Micro-batches accumulated per optimizer step on each worker."""

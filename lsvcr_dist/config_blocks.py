@@ -143,6 +143,8 @@ class OptimConfig:
     """Decay after warm-up: ``linear``, ``cosine`` or ``constant``."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    impl: str = "auto"
+    """AdamW kernel: ``fused`` (one kernel per step), ``foreach``, ``for_loop``; ``auto`` = fused on GPU, foreach on CPU."""
 
 
 @dataclass
@@ -169,6 +171,8 @@ class IngestConfig:
     """Rows in each worker's local shuffle buffer; 0 = off (the block order shuffle still applies)."""
     prefetch_batches: int = 2
     """Batches prefetched per worker."""
+    epoch_draws: int = 1
+    """Distinct ComDiv/popular-comment draws: epoch e streams draw ``e % epoch_draws`` (one dataset per draw)."""
 
 
 @dataclass

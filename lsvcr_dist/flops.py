@@ -8,7 +8,10 @@ norms, biases and the LM head excluded), ``N_lora`` the LoRA adapter weights (``
 linear), ``L`` layers, ``d = n_heads * head_dim`` the attention width, ``H`` hidden size, ``V`` vocabulary.
 
 * Frozen base, per real token of a pass WITH backward: ``4 N`` = forward ``2 N`` + activation gradients ``2 N``.
-  Frozen weights get no weight gradient, so the usual ``6 N`` of full training does not apply.
+  Frozen weights get no weight gradient, so the usual ``6 N`` of full training does not apply. (Layer 0's q/k/v
+  read the frozen embeddings, so autograd skips their input gradients: ``4 N`` overcounts by ``2 (q+k+v)`` of one
+  layer per token, 0.17 % at ChatGLM3-6B shape; ``tests/test_flops.py`` checks the formula against torch's
+  ``FlopCounterMode`` to the FLOP with that correction.)
 * Attention scores and the weighted sum, per sequence of ``T`` real tokens: forward ``4 L d T^2`` (``Q K^T`` and
   ``P V``, each ``2 T^2 d`` per layer), backward ``8 L d T^2`` (``dQ, dK, dP, dV``), so ``12 L d T^2`` in all.
   The full ``T x T`` matrix is counted (the PaLM / Megatron convention; causal masking is not discounted).

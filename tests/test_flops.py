@@ -97,3 +97,43 @@ def test_cpu_probe_is_a_plausible_rate():
     """The probe reports FLOP/s of 2n^3 per product: above 1e8 (any CPU since 2000) and below 1e14."""
     rate = cpu_matmul_probe(n=128, seconds=0.05)
     assert 1e8 < rate < 1e14
+
+
+def test_formula_matches_the_flops_torch_actually_runs():
+    """align_step_flops vs torch's FlopCounterMode over a real LoRA GLM recommender forward + backward.
+
+    Shape: L=2, H=16, 4 heads x 4 (d=16), 2 KV groups (kv width 8), FFN 24, V=40; LoRA r=2 on all six linears,
+    dropout 0; eager attention (CPU SDPA kernels are not in torch's FLOP registry). Two unpadded prompts of T=7
+    with 3 target positions each (n=6), pref head 16 -> 5.
+
+    The formula's 4N / 6N_lora assume every linear's input needs a gradient. Layer 0's q/k/v read the frozen
+    embeddings, so autograd skips their input gradients: the count torch runs is lower by, per token,
+    2 * (q + k + v weights of one layer) = 2 * (256 + 128 + 128) = 1024, plus LoRA A's input gradient there,
+    2 * r * in * 3 = 2 * 2 * 16 * 3 = 192; 14 tokens -> 14 * 1216 = 17024 FLOPs.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from lsvcr_dist.models.llm_rec import LLMRecommender
+
+    torch.manual_seed(0)
+    conf = GlmConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=4, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                     attn_implementation="eager", tie_word_embeddings=False)
+    shape = LLMShape.from_hf_config(conf)
+    lm = get_peft_model(GlmForCausalLM(conf), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0,
+                                                         target_modules=list(("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                              "gate_up_proj", "down_proj"))))
+    rec = LLMRecommender(lm, hidden_size=16, sr_dim=5)
+    ids = torch.randint(3, 40, (2, 7))
+    labels = torch.full((2, 7), -100)
+    labels[:, 4:] = ids[:, 4:]  # positions 3..5 predict tokens 4..6: 3 per prompt
+    with FlopCounterMode(display=False) as fc:
+        loss, s_tilde, n_tok = rec(ids, torch.ones(2, 7, dtype=torch.long), labels, torch.tensor([3, 3]))
+        (loss + s_tilde.sum()).backward()
+    assert int(n_tok) == 6
+    counts = StepCounts(samples=2, prompt_lengths=[7, 7], target_tokens=6)
+    f = align_step_flops(shape, counts, lora_r=2, sr_dim=5)
+    assert fc.get_total_flops() == f["total"] - 17024

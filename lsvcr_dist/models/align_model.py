@@ -81,10 +81,11 @@ class AlignModel(nn.Module):
         text_source: ``online`` or ``store``.
         text_table: ``[1 + V + C, Din]`` frozen vectors (row 0 zeros) for ``store``; kept as a plain attribute,
             not a parameter or buffer, so DeepSpeed neither shards nor checkpoints it.
+        text_bucket: online source: encode the texts in length-sorted chunks of at most this many (0 = one batch).
     """
 
     def __init__(self, llm: nn.Module, sr: nn.Module, num_videos: int, text_source: str = "online",
-                 text_table: torch.Tensor | None = None) -> None:
+                 text_table: torch.Tensor | None = None, text_bucket: int = 0) -> None:
         super().__init__()
         if text_source not in ("online", "store"):
             raise ValueError(f"text_source must be 'online' or 'store', got {text_source!r}")
@@ -95,6 +96,7 @@ class AlignModel(nn.Module):
         self.num_videos = int(num_videos)
         self.text_source = text_source
         self.text_table = text_table
+        self.text_bucket = int(text_bucket)
 
     def text_vectors(self, text: TextInputs) -> torch.Tensor:
         """``[U + 1, Din]`` vectors of the distinct texts, row 0 = zeros (padding)."""
@@ -104,7 +106,7 @@ class AlignModel(nn.Module):
             if text.input_ids.shape[0] != text.text_ids.shape[0]:
                 raise ValueError(
                     f"TextInputs: {text.input_ids.shape[0]} token rows for {text.text_ids.shape[0]} text ids")
-            vecs = self.llm.encode_text(text.input_ids, text.attention_mask)  # [U, H], with gradients
+            vecs = self.llm.encode_text(text.input_ids, text.attention_mask, self.text_bucket)  # [U, H], with grads
         else:
             top = int(text.text_ids.max()) if text.text_ids.numel() else 0
             if top >= self.text_table.shape[0]:
@@ -204,4 +206,4 @@ def build_align_model(cfg, num_videos: int, text_table: torch.Tensor | None = No
         din = llm.hidden_size if cfg.text_source == "online" else int(text_table.shape[1])
         torch.manual_seed(cfg.seed + 2)
         sr = build_sr_model_from_config(cfg.sr, text_in_dim=din, use_text_mlp=True, num_videos=0)
-    return tok, AlignModel(llm, sr, num_videos, cfg.text_source, text_table)
+    return tok, AlignModel(llm, sr, num_videos, cfg.text_source, text_table, cfg.text_bucket)

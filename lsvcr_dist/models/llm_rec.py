@@ -104,16 +104,28 @@ class LLMRecommender(nn.Module):
         loss = loss_sum / n_tok.clamp(min=1).to(loss_sum.dtype) if self.lm_reduction == "mean" else loss_sum
         return loss, s_tilde, n_tok
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bucket: int = 0) -> torch.Tensor:
         """LLM(t) (Eq. 1-2, and e = LLM(T) in Eq. 15): pooled last hidden state of each text.
 
         Args:
             input_ids: ``[N, T]`` right-padded tokens of N texts.
             attention_mask: ``[N, T]``; a row of zeros (padding text) gives a zero vector.
+            bucket: > 0 runs the texts in length-sorted chunks of at most ``bucket``, each cut to its own longest
+                text, so short titles are not padded to the longest comment. Exact: attention is causal and the
+                padding is on the right, so a text's real positions never see the cut columns.
 
         Returns:
             ``[N, H]`` float32 (mean over real tokens, or the last real token when ``pooling='last'``).
         """
+        n = input_ids.shape[0]
+        if 0 < bucket < n:
+            lengths = attention_mask.long().sum(1)  # [N]
+            order = torch.argsort(lengths, stable=True)
+            parts = []
+            for idx in order.split(bucket):
+                t = max(int(lengths[idx].max()), 1)
+                parts.append(self.encode_text(input_ids[idx, :t], attention_mask[idx, :t]))
+            return torch.cat(parts)[torch.argsort(order)]  # back to the caller's order; autograd flows through
         h = self.hidden_states(input_ids, attention_mask).float()  # [N, T, H]
         m = attention_mask.to(h.dtype)  # [N, T]
         if self.pooling == "mean":

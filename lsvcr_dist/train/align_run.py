@@ -56,12 +56,35 @@ def validate_prepared(cfg: AlignStageConfig) -> dict:
     return manifest
 
 
-def build_align_dataset(cfg: AlignStageConfig, instances=None):
+def dataset_name(epoch: int, draws: int) -> str:
+    """Ray Train dataset the loop streams in ``epoch``: ``train`` for draw 0, ``train_draw{k}`` for ``k = epoch % draws``.
+
+    The name depends on the epoch and ``ingest.epoch_draws`` only (not on ``max_steps``), so a resumed run with a
+    longer schedule reads the same draw at the same epoch.
+    """
+    if draws < 1:
+        raise ValueError(f"ingest.epoch_draws must be >= 1, got {draws}")
+    k = epoch % draws
+    return "train" if k == 0 else f"train_draw{k}"
+
+
+def build_align_datasets(cfg: AlignStageConfig, instances=None) -> dict:
+    """``{dataset_name: dataset}``: one lazy ALIGN dataset per ComDiv draw (``ingest.epoch_draws``).
+
+    Draw k runs ``AlignTransform(epoch=k)``, so epoch e of training sees new diversified comments and popular-
+    comment targets whenever ``e % epoch_draws`` changes; each draw gets its own deterministic streaming split.
+    """
+    n = cfg.ingest.epoch_draws
+    return {dataset_name(k, n): build_align_dataset(cfg, instances, draw=k) for k in range(n)}
+
+
+def build_align_dataset(cfg: AlignStageConfig, instances=None, draw: int = 0):
     """Train INSTANCE shards -> ``map_batches(AlignTransform)`` -> ALIGN_BATCH rows (a lazy ``ray.data.Dataset``).
 
     Args:
         cfg: alignment config (``ingest``, ``llm``, ``comdiv``, ``seed``).
         instances: an INSTANCE-row dataset to transform instead of the whole train split (tests pick rows).
+        draw: the transform's epoch seed (ComDiv / popular-comment draw; see ``build_align_datasets``).
     """
     import ray.data
 
@@ -73,7 +96,7 @@ def build_align_dataset(cfg: AlignStageConfig, instances=None):
     return ds.map_batches(
         StreamAlignTransform,
         fn_constructor_kwargs=dict(data_dir=str(data_dir), llm=asdict(cfg.llm), comdiv=asdict(cfg.comdiv),
-                                   seed=cfg.seed),
+                                   seed=cfg.seed, epoch=draw),
         batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
     )
 
@@ -88,7 +111,8 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
 
     Args:
         cfg: resolved config.
-        dataset: the ALIGN_BATCH dataset (``build_align_dataset``), split across workers by Ray Train.
+        dataset: ``build_align_datasets``'s dict (or one ALIGN_BATCH dataset, named ``train``), each split
+            across workers by Ray Train.
         resume_from: a complete checkpoint folder to resume from (``find_latest_complete``), or None.
         fault_inject: ``step:N`` test hook (default: the driver's ``LSVCR_FAULT_INJECT``), passed in the loop
             config because driver environment variables do not reach already-started Ray workers.
@@ -115,7 +139,7 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker={"CPU": sc.cpus_per_worker}),
-        datasets={"train": dataset},
+        datasets=dataset if isinstance(dataset, dict) else {"train": dataset},
         dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
         run_config=RunConfig(
             name=run_name(cfg), storage_path=str(align_dir),
@@ -137,6 +161,6 @@ def run_align(cfg: AlignStageConfig, instances=None, fault_inject: str | None = 
         The Ray ``Result``.
     """
     validate_prepared(cfg)
-    ds = build_align_dataset(cfg, instances)
+    ds = build_align_datasets(cfg, instances)
     resume = find_latest_complete(Path(cfg.run_dir) / "align") if cfg.checkpoint.resume else None
     return build_trainer(cfg, ds, str(resume) if resume else None, fault_inject).fit()

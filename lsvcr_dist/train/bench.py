@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lsvcr_dist.flops import LLMShape, StepCounts, align_step_flops, cpu_matmul_probe, mfu, peak_flops_for_device
 
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt_labels")
-SECTIONS = ("data_wait", "text_tokenize", "forward", "all_gather", "loss", "backward", "optimizer")
+SECTIONS = ("data_wait", "text_tokenize", "forward", "rank_skew", "all_gather", "loss", "backward", "optimizer")
 
 
 # ------------------------------------------------------------------------------------------------ speed work
@@ -140,6 +140,10 @@ def timed_micro_step(engine, loss_fn, batch: dict, text, rand_pos: bool, timer: 
     b = out["s"].shape[0]
     keys = batch["target_text_id"]
     if gather:
+        # A barrier first splits "waiting for the slowest rank" (rank_skew, which no overlap can hide) from the
+        # transfer itself (all_gather): the number that says whether overlapping the gather with compute pays.
+        torch.distributed.barrier()
+        timer.lap("rank_skew")
         pos = rank_offsets(b, device=out["s"].device)
         e_all, s_all = all_gather_with_grad(out["e"]), all_gather_with_grad(out["s"])
         st_all, keys_all = all_gather_with_grad(out["s_tilde"]), all_gather(keys)

@@ -12,12 +12,31 @@ import torch
 
 from lsvcr_dist.train.bench import SectionTimer, _build, full_vocab_forward, timed_micro_step, trim_prompts, trim_text
 
-AB_ITEMS = ("trim", "target_logits", "sdpa", "grad_checkpointing")
+AB_ITEMS = ("trim", "target_logits", "sdpa", "grad_checkpointing", "fused_adamw", "text_bucket")
+AB_TEXT_BUCKET = 16  # chunk size tried by the text_bucket item when the config leaves it off
 
 
-def _set_item(model, item: str, on: bool) -> None:
-    """Switch one speed-work item of an ``AlignModel`` in place (``trim`` is applied by the caller)."""
+def baseline_on(item: str, cuda: bool, text_bucket: int = 0) -> bool:
+    """Whether ``item`` is on in ours: checkpointing off, fused AdamW on GPU only, text buckets as configured."""
+    return {"grad_checkpointing": False, "fused_adamw": cuda, "text_bucket": text_bucket > 0}.get(item, True)
+
+
+def _torch_optimizer(engine):
+    """The torch AdamW inside a DeepSpeed engine (ZeRO wraps it in ``engine.optimizer.optimizer``)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _set_item(model, item: str, on: bool, optimizer=None, bucket: int = AB_TEXT_BUCKET) -> None:
+    """Switch one speed-work item of an ``AlignModel`` (and its AdamW) in place; ``trim`` is applied by the caller."""
     base = model.llm._base()
+    if item == "text_bucket":
+        model.text_bucket = bucket if on else 0
+        return
+    if item == "fused_adamw":  # torch reads the kernel choice from each param group at every step
+        for g in optimizer.param_groups:
+            g["fused"], g["foreach"] = (True, None) if on else (None, True)
+        return
     if item == "target_logits":  # off = the public code's full-vocabulary logits
         if on:
             model.llm.__dict__.pop("forward", None)
@@ -34,12 +53,38 @@ def _set_item(model, item: str, on: bool) -> None:
         raise ValueError(f"unknown speed-work item {item!r} (known: {AB_ITEMS})")
 
 
+def _section_medians(rows: list[dict]) -> dict:
+    import statistics
+
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
+
+
+def text_padding_stats(texts: list, bucket: int) -> dict:
+    """Texts per micro-batch and padded / real text tokens, one padded batch vs length-sorted chunks of ``bucket``.
+
+    Args:
+        texts: ``TextInputs`` of the micro-batches (online source).
+        bucket: chunk size (see ``LLMRecommender.encode_text``).
+    """
+    real = one = chunked = n = 0
+    for t in texts:
+        if t.attention_mask is None:
+            continue
+        lengths = torch.sort(t.attention_mask.long().sum(1)).values
+        n += len(lengths)
+        real += int(lengths.sum())
+        one += len(lengths) * int(lengths.max()) if len(lengths) else 0
+        chunked += sum(len(c) * int(c.max()) for c in lengths.split(bucket))
+    return {"texts_per_micro_batch": n / max(len(texts), 1), "padded_over_real_one_batch": one / max(real, 1),
+            f"padded_over_real_buckets_of_{bucket}": chunked / max(real, 1)}
+
+
 def ab_compare(cfg, data_dir: str, batches: list, items=AB_ITEMS, rounds: int = 5, threads: int = 0) -> dict:
     """Paired A/B timing of speed-work items in ONE process on the same engine and the same micro-batches.
 
     Every round times one micro-step per (item, without/with), alternating which goes first, on the round's batch;
     separate runs on a shared, loaded box drift far more than a step. The baseline is ours (trim, target-only
-    logits, SDPA, no checkpointing); each item is switched off (or, for checkpointing, on) alone. Needs an
+    logits, SDPA, no checkpointing, fused AdamW on GPU only: ``baseline_on``); each item is switched alone. Needs an
     initialized process group (world 1 is fine).
 
     Args:
@@ -63,11 +108,14 @@ def ab_compare(cfg, data_dir: str, batches: list, items=AB_ITEMS, rounds: int = 
     cuda = torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     model, engine, loss_fn, encode, nv = _build(cfg, data_dir, 1, "cuda" if cuda else "cpu", rounds + 1, False)
+    opt = _torch_optimizer(engine)
+    bucket = cfg.text_bucket or AB_TEXT_BUCKET  # the chunk size the text_bucket item switches on
     times = {(i, on): [] for i in items for on in (False, True)}
     mem = {(i, on): 0 for i in items for on in (False, True)}
+    sections = {(i, on): [] for i in items for on in (False, True)}
 
     def step(raw, item, on, k):
-        _set_item(model, item, on)
+        _set_item(model, item, on, opt, bucket)
         seed_micro_step(cfg.seed, 0, k)
         batch, text = to_tensors(raw, device), text_inputs(raw, nv, encode, device)
         if not (item == "trim" and not on):
@@ -77,7 +125,8 @@ def ab_compare(cfg, data_dir: str, batches: list, items=AB_ITEMS, rounds: int = 
         timer = SectionTimer(cuda)
         timer.start()
         timed_micro_step(engine, loss_fn, batch, text, cfg.rand_pos, timer, gather=False)
-        _set_item(model, item, item != "grad_checkpointing")  # back to the baseline
+        _set_item(model, item, baseline_on(item, cuda, cfg.text_bucket), opt, bucket)  # back to the baseline
+        sections[(item, on)].append(dict(timer.total))
         return sum(timer.total.values()), (int(torch.cuda.max_memory_allocated()) if cuda else 0)
 
     k = 0
@@ -93,11 +142,13 @@ def ab_compare(cfg, data_dir: str, batches: list, items=AB_ITEMS, rounds: int = 
                 k += 1
                 times[(item, on)].append(dt)
                 mem[(item, on)] = max(mem[(item, on)], m)
-    out = {}
+    out = {"text_padding": text_padding_stats([text_inputs(b, nv, encode, "cpu") for b in batches], bucket)}
     for item in items:
         off, on = statistics.median(times[(item, False)]), statistics.median(times[(item, True)])
         out[item] = {"median_s_without": off, "median_s_with": on, "speedup_with": off / on,
-                     "times_without": times[(item, False)], "times_with": times[(item, True)]}
+                     "times_without": times[(item, False)], "times_with": times[(item, True)],
+                     "section_median_s_without": _section_medians(sections[(item, False)][1:]),
+                     "section_median_s_with": _section_medians(sections[(item, True)][1:])}
         if cuda:
             out[item].update(peak_mem_without=mem[(item, False)], peak_mem_with=mem[(item, True)])
     return out

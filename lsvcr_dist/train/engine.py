@@ -142,7 +142,32 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: AlignStageConfig) -> torch.optim.Optimizer:
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def make_adamw(params, o, device: str = "cpu") -> torch.optim.AdamW:
+    """torch AdamW from an ``OptimConfig`` with the kernel ``o.impl`` picks.
+
+    ``auto`` = ``fused`` on CUDA (one kernel for all tensors), ``foreach`` on CPU (the paired A/B in
+    ``benchmarks/RESULTS.md`` measured no gain from the CPU fused kernel under ZeRO's flat partitions).
+
+    Args:
+        params: trainable parameters (or param groups).
+        o: ``OptimConfig``.
+        device: ``cpu`` or ``cuda``.
+
+    Raises:
+        ValueError: an unknown ``optim.impl``.
+    """
+    if o.impl not in ADAMW_IMPLS:
+        raise ValueError(f"optim.impl must be one of {ADAMW_IMPLS}, got {o.impl!r}")
+    impl = o.impl if o.impl != "auto" else ("fused" if str(device).startswith("cuda") else "foreach")
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             **kernel)
+
+
+def build_optimizer(model: nn.Module, cfg: AlignStageConfig, device: str = "cpu") -> torch.optim.Optimizer:
     """torch AdamW over the parameters with ``requires_grad`` (LoRA, LLM head, SR model); frozen base excluded.
 
     Raises:
@@ -151,8 +176,7 @@ def build_optimizer(model: nn.Module, cfg: AlignStageConfig) -> torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (was LoRA applied?)")
-    o = cfg.optim
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return make_adamw(params, cfg.optim, device)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: AlignStageConfig, total_steps: int):
@@ -192,7 +216,7 @@ def initialize_engine(model: nn.Module, cfg: AlignStageConfig, world_size: int, 
     import deepspeed  # after DS_ACCELERATOR is set: the accelerator is chosen at import
 
     ds_config = build_ds_config(cfg, world_size, device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

@@ -23,6 +23,7 @@ from lsvcr_dist.config import from_dict, to_dict
 from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
+from lsvcr_dist.train.engine import make_adamw
 from lsvcr_dist.train.ft_setup import build_finetune_model, load_text_table, save_best, store_dir
 
 SELECT_METRIC = "ndcg@10"
@@ -100,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
     core = model  # prepare_model wraps `model` without copying its parameters
     params = [p for p in ddp.parameters() if p.requires_grad]
     o = cfg.optim
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+    opt = make_adamw(params, o, "cuda" if torch.cuda.is_available() else "cpu")
     task_loss = VRTLoss(cfg.loss.tau) if task == "video" else CommentRankLoss(cfg.loss.tau)
     ft_loss = FinetuneLoss.from_config(cfg.loss)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)

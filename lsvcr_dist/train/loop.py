@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from lsvcr_dist.config import from_dict
+from lsvcr_dist.train.align_run import dataset_name
 from lsvcr_dist.train.align_step import micro_step, reduce_metrics, seed_micro_step, text_inputs, to_tensors
 from lsvcr_dist.train.bench import trim_prompts, trim_text  # [engineer F hook]
 from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
@@ -196,7 +197,7 @@ def _all_have_batch(has: bool, device) -> bool:
 
 
 def _batches(w: Worker, epoch: int):
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(dataset_name(epoch, w.cfg.ingest.epoch_draws))
     ing = w.cfg.ingest
     kw = dict(batch_size=w.cfg.deepspeed.micro_batch, drop_last=True, prefetch_batches=ing.prefetch_batches)
     if ing.local_shuffle_buffer > 0:

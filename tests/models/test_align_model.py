@@ -39,8 +39,8 @@ def test_online_texts_encoded_once_with_gradients_and_scattered():
     calls = []
     orig = model.llm.encode_text
 
-    def counting(ids, mask):
-        out = orig(ids, mask)
+    def counting(ids, mask, bucket=0):
+        out = orig(ids, mask, bucket)
         calls.append((ids.shape[0], out))
         return out
 

@@ -107,3 +107,34 @@ def test_bad_constructor_args(lm):
         LLMRecommender(lm, 32, 8, lm_reduction="avg")
     with pytest.raises(ValueError, match="pooling"):
         LLMRecommender(lm, 32, 8, pooling="cls")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_length_buckets_give_the_same_vectors_and_grads(lm, pooling):
+    """Encoding 7 texts of lengths 1..9 in length-sorted chunks of 3 (each cut to its own longest) equals one
+    padded batch, vectors in the caller's order, and the same LoRA gradients; a padding text stays zero."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([9, 1, 5, 0, 7, 2, 9])
+    ids = torch.randint(3, 60, (7, 12), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    rec = LLMRecommender(lm, 32, 8, pooling=pooling)
+    lora = [p for n, p in lm.named_parameters() if "lora_A" in n]
+    weights = torch.randn(7, 32, generator=g)
+
+    def run(bucket):
+        for p in lora:
+            p.grad = None
+        out = rec.encode_text(ids, mask, bucket)
+        (out * weights).sum().backward()
+        return out.detach(), [p.grad.clone() for p in lora]
+
+    with torch.enable_grad():
+        one, g_one = run(0)
+        buck, g_buck = run(3)
+    torch.testing.assert_close(buck, one, rtol=1e-5, atol=1e-6)
+    assert torch.equal(buck[3], torch.zeros(32))
+    for a, b in zip(g_buck, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for p in lora:
+        p.grad = None
