@@ -85,16 +85,19 @@ def test_full_vocab_forward_matches_target_only_logits(tiny_rec):
     torch.testing.assert_close(sf, s)
 
 
+def _rank(r, elapsed, fwd):
+    """One rank's window result as the bench workers write it."""
+    sec = {k: 0.0 for k in SECTIONS}
+    sec["forward"] = fwd
+    return {"rank": r, "elapsed_s": elapsed, "sections": sec, "samples": 8, "prompt_tokens": 100,
+            "text_tokens": 20, "target_tokens": 10, "flops": {"total": 5e12, "lm_head": 1e12},
+            "peak_memory_bytes": 1000 + r, "peak_flops": 4e12, "losses": [1.0, 0.5], "device": "cpu"}
+
+
 def test_summarize_by_hand():
     """2 ranks: 8 + 8 samples in max(2.0, 2.5) s = 6.4 samples/s; tokens (100+20)*2 / 2.5 = 96 tokens/s;
     FLOPs 2 x 5e12 / 2.5 = 4 TFLOP/s over 2 x 4e12 peak = MFU 0.5; forward 0.4 + 0.6 s over 2 ranks x 2 steps."""
-    def rank(r, elapsed, fwd):
-        sec = {k: 0.0 for k in SECTIONS}
-        sec["forward"] = fwd
-        return {"rank": r, "elapsed_s": elapsed, "sections": sec, "samples": 8, "prompt_tokens": 100,
-                "text_tokens": 20, "target_tokens": 10, "flops": {"total": 5e12, "lm_head": 1e12},
-                "peak_memory_bytes": 1000 + r, "peak_flops": 4e12, "losses": [1.0, 0.5], "device": "cpu"}
-
+    rank = _rank
     s = summarize([rank(1, 2.5, 0.6), rank(0, 2.0, 0.4)])
     assert s["samples_per_s"] == pytest.approx(6.4)
     assert s["tokens_per_s"] == pytest.approx(96.0)
@@ -110,6 +113,34 @@ def _load_script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_reference_child_dying_after_its_write(monkeypatch, tmp_path, written):
+    """A spawned reference process that aborts after rank 0 wrote every rank's timings keeps the (complete) result
+    and records the error; one that dies before the write fails the run."""
+    import torch.multiprocessing as mp
+
+    from lsvcr_dist.config import load_config
+
+    mod = _load_script()
+    cfg = load_config(None, "align", ["scaling.num_workers=2", "deepspeed.micro_batch=4", "global_batch=8"])
+
+    def spawn(fn, nprocs, join, args):
+        if written:
+            Path(args[-2]).write_text(json.dumps([_rank(0, 2.0, 0.4), _rank(1, 2.5, 0.6)]))
+        raise mp.ProcessExitedException("process 0 terminated with signal SIGABRT", error_index=0, error_pid=1,
+                                        exit_code=-6, signal_name="SIGABRT")
+
+    monkeypatch.setattr(mod, "reference_batches", lambda *a: [[], []])
+    monkeypatch.setattr(mp, "spawn", spawn)
+    args = type("A", (), {"warmup": 1, "steps": 2, "peak_tflops": 1.0})()
+    if written:
+        res = mod.run_reference(cfg, {}, args, 1, tmp_path)
+        assert res["samples_per_s"] == pytest.approx(6.4) and "SIGABRT" in res["teardown_error"]
+    else:
+        with pytest.raises(mp.ProcessExitedException):
+            mod.run_reference(cfg, {}, args, 1, tmp_path)
 
 
 @pytest.mark.ray
