@@ -288,7 +288,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     base_cfg, args = parse("align", __doc__.splitlines()[0], argv, extra=_extra)
-    argv_overrides = list(args.overrides) + (CHATGLM3_6B_SHAPED if args.model == "chatglm3-6b-shaped" else [])
+    # The shape first, so a dotted override can still change it (e.g. llm.num_layers=1 for a CPU smoke run).
+    argv_overrides = (CHATGLM3_6B_SHAPED if args.model == "chatglm3-6b-shaped" else []) + list(args.overrides)
     workers = [int(x) for x in args.workers.split(",") if x.strip()]
     if not workers or min(workers) < 1 or args.steps < 1 or args.warmup < 0:
         print("bench: --workers must list positive counts, --steps >= 1, --warmup >= 0", file=sys.stderr)

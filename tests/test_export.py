@@ -16,10 +16,12 @@ from lsvcr_dist.models.export import example_inputs, export_scorer, load_scorer 
 from lsvcr_dist.train.ft_setup import build_finetune_model  # noqa: E402
 
 
-@pytest.mark.parametrize("task", ["video", "comment"])
-def test_exported_scores_equal_pytorch(tmp_path, task):
+@pytest.mark.parametrize("task,kind", [("video", "lsvcr"), ("comment", "lsvcr"), ("video", "sasrec"),
+                                       ("comment", "dssm")])
+def test_exported_scores_equal_pytorch(tmp_path, task, kind):
+    """LSVCR for both tasks and the two baselines (SASRec has no comment tower, DSSM no video tower)."""
     F.make_prepared(tmp_path)
-    cfg = F.ft_config(tmp_path)
+    cfg = F.ft_config(tmp_path, model=kind)
     F.write_aligned(tmp_path, cfg)
     torch.manual_seed(0)
     model, _ = build_finetune_model(cfg, task, num_videos=F.V, text_table=F.text_table(),

@@ -85,8 +85,10 @@ def export_scorer(model: FinetuneModel, batch: dict[str, torch.Tensor], out_dir:
     inputs = example_inputs(model, batch)
     ids = batch["video_hist"][:, 0].clamp(min=1)
     title = model.text_table[ids]
-    traced = torch.jit.trace_module(scorer, {"forward": inputs, "encode_videos": (title, ids),
-                                             "encode_comments": (title,)}, check_trace=False)
+    # Only the task's candidate tower: serving scores videos with the video export and comments with the comment
+    # export, and a one-task baseline (SASRec: videos only) has no other tower to trace.
+    tower = {"encode_videos": (title, ids)} if model.task == "video" else {"encode_comments": (title,)}
+    traced = torch.jit.trace_module(scorer, {"forward": inputs, **tower}, check_trace=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "scorer.pt"))
