@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -400,6 +401,22 @@ def stage_dict(raw: dict, stage: str) -> dict:
     return _deep_merge(base, section)
 
 
+# Local folders that Ray workers open. Ray Train runs each worker in a working directory of its own, so a relative
+# path (the presets' ``run_dir: runs/tiny``) is made absolute against the driver's directory when loaded.
+LOCAL_PATH_FIELDS = frozenset({"run_dir", "raw_dir", "adapter_dir", "path", "tokenizer_path"})
+
+
+def _absolute_paths(obj: Any) -> Any:
+    """Make every non-empty ``LOCAL_PATH_FIELDS`` value of a (nested) config dataclass absolute, in place."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _absolute_paths(value)
+        elif f.name in LOCAL_PATH_FIELDS and isinstance(value, str) and value:
+            setattr(obj, f.name, os.path.abspath(os.path.expanduser(value)))
+    return obj
+
+
 def load_config(path: str | Path | None, stage: str, overrides: list[str] | None = None) -> Any:
     """Load the ``stage`` dataclass from a preset plus dotted overrides.
 
@@ -410,7 +427,7 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] | None
             (``align.max_steps=3``), which applies only to that stage.
 
     Returns:
-        The stage dataclass.
+        The stage dataclass, its local paths (``LOCAL_PATH_FIELDS``) absolute.
 
     Raises:
         ConfigError: unknown stage, unknown key (named), or a value of the wrong type.
@@ -426,7 +443,7 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] | None
                 continue
             key = key.split(".", 1)[1]
         _set_dotted(data, key, value)
-    return _build(STAGES[stage], data)
+    return _absolute_paths(_build(STAGES[stage], data))
 
 
 def check_overrides_known(path: str | Path | None, overrides: list[str]) -> None:

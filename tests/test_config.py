@@ -78,3 +78,19 @@ def test_bad_values_and_combinations_fail():
         load_config(None, "align", ["deepspeed.precision=fp16"])
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(None, "serve")
+
+
+def test_local_paths_are_made_absolute_against_the_driver_cwd(tmp_path, monkeypatch):
+    """Ray Train runs workers in their own working directory, so the preset's relative ``run_dir: runs/tiny`` (and
+    any relative checkpoint/tokenizer folder) must reach them absolute; ids and file names stay as given."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml", "align",
+                      ["llm.path=models/glm", "llm.tokenizer_path=~/tok", "llm.gguf_file=m.gguf"])
+    assert cfg.run_dir == str(tmp_path / "runs" / "tiny")
+    assert cfg.llm.path == str(tmp_path / "models" / "glm")
+    assert cfg.llm.tokenizer_path == str(Path.home() / "tok")
+    assert cfg.llm.gguf_file == "m.gguf"
+    enc = load_config(None, "encode", ["run_dir=/data/r", "adapter_dir=a/final"])
+    assert enc.run_dir == "/data/r" and enc.adapter_dir == str(tmp_path / "a" / "final")
+    assert load_config(None, "prepare").raw_dir == ""  # empty means "derive from run_dir": left alone
+    assert from_dict("align", to_dict(cfg)).run_dir == cfg.run_dir  # what the workers rebuild
