@@ -193,6 +193,29 @@ def test_bad_inputs_are_named(tmp_path, sp_model):
         convert_chatglm_checkpoint(src, tmp_path / "o4", tokenizer=False)
 
 
+def test_glm4_original_format_converts_with_its_rope_and_ids(tmp_path):
+    """GLM-4-9B-chat's original layout: same tensors, rope_ratio 500, eos list, tiktoken tokenizer.model."""
+    cfg = dict(chatglm_config(rope_ratio=500.0, eps=1.5625e-07, seq_length=131072), eos_token_id=[5, 6, 7],
+               pad_token_id=5, torch_dtype="bfloat16")
+    src = tmp_path / "glm4"
+    sd = write_chatglm_checkpoint(src, cfg, chatglm_tensors(cfg, dtype=torch.bfloat16), fmt="safetensors")
+    (src / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken ranks, not SentencePiece
+    with pytest.raises(ValueError, match="tiktoken"):
+        convert_chatglm_checkpoint(src, tmp_path / "o")
+    info = convert_chatglm_checkpoint(src, tmp_path / "o", tokenizer=False)
+    conf = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert info["dtype"] == "bfloat16" and conf["rope_parameters"]["rope_theta"] == 5e6
+    assert (conf["eos_token_id"], conf["pad_token_id"], conf["rms_norm_eps"]) == ([5, 6, 7], 5, 1.5625e-07)
+    from transformers import GlmForCausalLM
+
+    model = GlmForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float32).eval()
+    ids, mask = _batch(cfg["padded_vocab_size"], seed=5)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    want = chatglm_reference_logits(cfg, sd, ids, mask)
+    assert (got[mask.bool()] - want[mask.bool()]).abs().max().item() < 1e-5
+
+
 def test_cli_help_and_run(tmp_path, sp_model):
     cfg = chatglm_config(layers=1)
     src = tmp_path / "src"
