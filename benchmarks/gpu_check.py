@@ -5,8 +5,8 @@
 
 Made for a bare GPU image (torch, transformers, peft, pyarrow; no Ray, DeepSpeed, webdataset, no network): it
 imports only the library's model, loss and FLOP code, builds synthetic micro-batches in memory with the paper's
-shapes (instruction 1,200-3,000 real tokens of at most 3,840 + target <= 256 + eos, history 20 records, K = 3
-comments per record, about 120 distinct short texts per sample for the online LLM(t) encoder) and times the step
+shapes (instruction 1,200-3,840 real tokens + target 8-40 of at most 256 + eos, history 20 records, K = 3
+comments per record, about 100 distinct short texts per sample for the online LLM(t) encoder) and times the step
 in plain torch on one device. ``ray``, ``deepspeed`` and ``webdataset`` imports are made to fail at start, so any
 hidden dependency shows up as an error here rather than on the GPU.
 
@@ -208,7 +208,7 @@ def micro_step(model, opt, loss_fn, batch, text, cuda: bool) -> dict:
     lap("optimizer")
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {float(loss)}")
-    return {"sections": times, "loss": float(loss), "n_target": int(out["n_target_tokens"])}
+    return {"sections": times, "loss": float(loss.detach()), "n_target": int(out["n_target_tokens"])}
 
 
 def run_window(model, opt, loss_fn, batches, a, device, cuda, reference: bool, peak: float) -> dict:
@@ -249,7 +249,7 @@ def ab_rounds(model, opt, loss_fn, batches, a, device, cuda) -> dict:
     out = {}
     for item in AB_ITEMS:
         times, mem, status = {False: [], True: []}, {False: 0.0, True: 0.0}, {False: "ok", True: "ok"}
-        for r in range(a.ab_rounds + 1):  # round 0 warms both variants up
+        for r in range(a.ab_rounds + a.ab_warmup):  # the first ab_warmup rounds warm both variants up
             for on in ((False, True) if r % 2 == 0 else (True, False)):
                 if status[on] != "ok":
                     continue
@@ -257,14 +257,17 @@ def ab_rounds(model, opt, loss_fn, batches, a, device, cuda) -> dict:
                 batch, text = to_device(*batches[r % len(batches)], device, trim)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
+                res = None
                 try:
                     res = micro_step(model, opt, loss_fn, batch, text, cuda)
                 except torch.cuda.OutOfMemoryError:
+                    pass  # leave the except block first: its traceback still holds the step's activations
+                if res is None:
                     status[on] = "oom"
                     opt.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     continue
-                if r:
+                if r >= a.ab_warmup:
                     times[on].append(sum(res["sections"].values()))
                     mem[on] = max(mem[on], torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
         row = {"status_without": status[False], "status_with": status[True],
@@ -284,8 +287,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON to write (rewritten after every phase)")
     p.add_argument("--rehearsal", action="store_true",
-                   help="CPU plumbing check: 1 layer, fp32, prompts <= 96 + 16 tokens, 4 history records, texts "
-                        "<= 16 tokens, 1 warm-up + 2 steps, 1 A/B round")
+                   help="CPU plumbing check: 1 layer, fp32, prompts <= 96 + 16 tokens, 2 history records, texts "
+                        "<= 8 tokens, 1 warm-up + 2 steps, 1 A/B round without warm-up")
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--max-prompt", type=int, default=3840)
@@ -295,15 +298,29 @@ def parse(argv=None):
     p.add_argument("--max-text", type=int, default=48, help="longest short text (titles, comments) in tokens")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--ab-rounds", type=int, default=3)
+    p.add_argument("--ab-rounds", type=int, default=3, help="timed A/B rounds per item")
+    p.add_argument("--ab-warmup", type=int, default=1, help="untimed A/B rounds per item before them")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip the phases that would start after this")
     p.add_argument("--threads", type=int, default=0, help="CPU torch threads (0 = leave)")
     a = p.parse_args(argv)
     if a.rehearsal:
-        a.layers, a.max_prompt, a.max_target, a.min_instruction, a.hist, a.max_text = 1, 96, 16, 48, 4, 16
-        a.warmup, a.steps, a.ab_rounds = 1, 2, 1
+        a.layers, a.max_prompt, a.max_target, a.min_instruction, a.hist, a.max_text = 1, 96, 16, 48, 2, 8
+        a.warmup, a.steps, a.ab_rounds, a.ab_warmup = 1, 2, 1, 0
     return a
+
+
+def header(a, cuda: bool, dtype: torch.dtype) -> dict:
+    """The JSON's identification: command, date, device, library versions, settings."""
+    import peft
+    import transformers
+
+    return {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__, "cuda": torch.version.cuda},
+            "blocked_imports": list(BLOCKED), "dtype": str(dtype).replace("torch.", ""),
+            "settings": {k: v for k, v in vars(a).items() if k != "out"}, "phases": {}}
 
 
 def main(argv=None) -> int:
@@ -314,15 +331,7 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype, torch.bfloat16 if cuda else torch.float32)
     if a.threads:
         torch.set_num_threads(a.threads)
-    import peft
-    import transformers
-
-    result = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "peft": peft.__version__, "cuda": torch.version.cuda},
-              "blocked_imports": list(BLOCKED), "dtype": str(dtype).replace("torch.", ""),
-              "settings": {k: v for k, v in vars(a).items() if k != "out"}, "phases": {}}
+    result = header(a, cuda, dtype)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -330,12 +339,21 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     def phase(name, fn):
-        if time.perf_counter() - t_start > a.budget_s:
+        if name != "build" and time.perf_counter() - t_start > a.budget_s:
             result["phases"][name] = "skipped: over --budget-s"
             save()
             return None
         t0 = time.perf_counter()
-        value = fn()
+        try:
+            value = fn()
+        except Exception as exc:  # keep the other phases: one OOM or error must not lose the whole device run
+            result["phases"][name] = f"failed after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: {exc}"
+            save()
+            if name == "build":
+                raise
+            if cuda:
+                torch.cuda.empty_cache()
+            return None
         result["phases"][name] = f"ok in {time.perf_counter() - t0:.1f} s"
         if name != "build":
             result[name] = value
@@ -343,7 +361,7 @@ def main(argv=None) -> int:
         return value
 
     rng = np.random.default_rng(2024)
-    batches = [synthetic_micro_batch(rng, a) for _ in range(max(a.warmup + a.steps, a.ab_rounds + 1))]
+    batches = [synthetic_micro_batch(rng, a) for _ in range(max(a.warmup + a.steps, a.ab_rounds + a.ab_warmup))]
     model, opt, loss_fn = phase("build", lambda: build_model(a, device, dtype))
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = (peak_flops_for_device(result["device"]) or 0.0) if cuda else cpu_matmul_probe()

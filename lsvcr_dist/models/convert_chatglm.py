@@ -211,6 +211,8 @@ def map_tensor(name: str, tensor: torch.Tensor, shape: ChatGLMShape) -> list[tup
         m = _LAYER.match(name)
         if not m or m.group(2) not in _LAYER_MAP or int(m.group(1)) >= shape.n_layers:
             raise ValueError(f"tensor {name!r} has no GlmForCausalLM counterpart (config: {shape.n_layers} layers)")
+        if m.group(2).endswith(".bias") and not shape.qkv_bias:
+            raise ValueError(f"tensor {name!r} is a qkv bias but config.json has add_qkv_bias false")
         targets = [f"model.layers.{m.group(1)}.{t}" for t in _LAYER_MAP[m.group(2)]]
         if len(targets) == 1:
             out = [(targets[0], tensor)]
@@ -303,7 +305,8 @@ def _convert_into(src: Path, tmp: Path, dtype_name: str, max_shard_bytes: int, t
             for glm_name, t in map_tensor(name, tensor, shape):
                 if glm_name in written:
                     raise ValueError(f"{glm_name} is produced twice (duplicate tensor {name} in {src})")
-                writer.add(glm_name, t.to(dtype).clone() if t.dtype != dtype else t.clone())
+                # A private copy: a view would pin the whole source tensor (or its memory map) until the flush.
+                writer.add(glm_name, t.to(dtype) if t.dtype != dtype else t.clone())
                 written.add(glm_name)
         del lazy
     missing = sorted(expected_names(shape, tied) - written)

@@ -185,6 +185,9 @@ def test_bad_inputs_are_named(tmp_path, sp_model):
     (src / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm"):
         convert_chatglm_checkpoint(src, tmp_path / "o2", tokenizer=False)
+    (src / "config.json").write_text(json.dumps(dict(cfg, add_qkv_bias=False)))
+    with pytest.raises(ValueError, match="add_qkv_bias false"):
+        convert_chatglm_checkpoint(src, tmp_path / "o5", tokenizer=False)
     (src / "config.json").write_text(json.dumps(dict(cfg, num_layers=1)))
     with pytest.raises(ValueError, match="layers.1.*no GlmForCausalLM counterpart"):
         convert_chatglm_checkpoint(src, tmp_path / "o3", tokenizer=False)
