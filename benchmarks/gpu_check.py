@@ -20,7 +20,7 @@ Phases, each written to the JSON as soon as it ends (a timeout keeps what finish
 ``reference`` window (the public code's recipe: prompts padded to T = 3,840 + 256 + 1, fp32 logits over the full
 vocabulary at every position, negatives local to the device, which on one device equals ours), then paired A/B
 rounds of: trim padding, target-only logits, SDPA vs eager, gradient checkpointing, fused vs foreach AdamW.
-A variant that runs out of memory is recorded as ``oom`` and the run continues.
+A variant that runs out of memory is recorded as ``oom`` (one that fails as ``error``) and the run continues.
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def micro_step(model, opt, loss_fn, batch, text, cuda: bool) -> dict:
 
 def run_window(model, opt, loss_fn, batches, a, device, cuda, reference: bool, peak: float) -> dict:
     """Warm-up + timed micro-steps of one recipe; samples/s, tokens/s, TFLOP/s, MFU, breakdown, peak memory."""
-    trim = set_variant(model, opt, trim_on=not reference, target_logits=not reference,
-                       fused_adamw=cuda and not reference)
+    # Same AdamW kernel in both windows (its effect is the fused_adamw A/B item; LoRA's state is ~100 MB).
+    trim = set_variant(model, opt, trim_on=not reference, target_logits=not reference)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     counts, rows, t0, processed = StepCounts(), [], 0.0, 0
@@ -257,13 +257,15 @@ def ab_rounds(model, opt, loss_fn, batches, a, device, cuda) -> dict:
                 batch, text = to_device(*batches[r % len(batches)], device, trim)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                res = None
+                res, err = None, ""
                 try:
                     res = micro_step(model, opt, loss_fn, batch, text, cuda)
                 except torch.cuda.OutOfMemoryError:
-                    pass  # leave the except block first: its traceback still holds the step's activations
+                    err = "oom"  # handled below: the traceback still holds the step's activations in here
+                except Exception as exc:  # one item failing must not lose the others
+                    err = f"error: {type(exc).__name__}: {exc}"
                 if res is None:
-                    status[on] = "oom"
+                    status[on] = err
                     opt.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     continue
