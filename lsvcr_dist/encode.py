@@ -135,7 +135,7 @@ def _encoder_kwargs(cfg) -> tuple[dict, dict]:
 
 
 def _counts(data_dir: str) -> tuple[int, int]:
-    from lsvcr_dist.data.ft_transforms import read_dims
+    from lsvcr_dist.data.manifest import read_dims
 
     dims = read_dims(data_dir)
     if dims["num_videos"] + dims["num_comments"] == 0:

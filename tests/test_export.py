@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent / "train"))
 import _ft_fakes as F  # noqa: E402
 
 from lsvcr_dist.evaluate import iter_split  # noqa: E402
+from lsvcr_dist.finetuned import build_finetune_model  # noqa: E402
 from lsvcr_dist.models.export import example_inputs, export_scorer, load_scorer  # noqa: E402
-from lsvcr_dist.train.ft_setup import build_finetune_model  # noqa: E402
 
 
 @pytest.mark.parametrize("task,kind", [("video", "lsvcr"), ("comment", "lsvcr"), ("video", "sasrec"),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-TASK_VIDEO = 0
+from lsvcr_dist.schema import TASK_VIDEO
 
 # Batch columns holding video ids (title text id = video id) and comment ids (text id = num_videos + id).
 VIDEO_ID_COLUMNS = ("video_hist", "comment_hist_video", "current_video")

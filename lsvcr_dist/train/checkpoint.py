@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lsvcr_dist.config import dump_yaml
+from lsvcr_dist.train.distributed import gather_objects, rank, world_size
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -49,12 +49,6 @@ EXPORT_FILES = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def find_peft_model(model: nn.Module):
@@ -158,21 +152,16 @@ def save_checkpoint(engine, model: nn.Module, tmp_dir: str | Path, cfg: Any, sta
     Returns:
         On rank 0, every relative file path of the merged checkpoint; ``[]`` elsewhere.
     """
-    rank, world = _rank_world()
+    me = rank()
     tmp = Path(tmp_dir)
     tmp.mkdir(parents=True, exist_ok=True)
     tag = f"step_{int(state['step']):08d}"
     engine.save_checkpoint(str(tmp / DS_DIR), tag=tag, client_state={}, exclude_frozen_parameters=True)
-    export_weights(model, tmp, cfg, manifest_path, engine.zero_optimization_stage(), write=rank == 0)
-    if rank == 0:
-        (tmp / STATE).write_text(json.dumps({**state, "ds_tag": tag, "world_size": world}, indent=2))
-    mine = _files_under(tmp)
-    lists: list[Any] = [None] * world
-    if world > 1:
-        dist.all_gather_object(lists, mine)
-    else:
-        lists = [mine]
-    if rank != 0:
+    export_weights(model, tmp, cfg, manifest_path, engine.zero_optimization_stage(), write=me == 0)
+    if me == 0:
+        (tmp / STATE).write_text(json.dumps({**state, "ds_tag": tag, "world_size": world_size()}, indent=2))
+    lists = gather_objects(_files_under(tmp))
+    if me != 0:
         return []
     files = sorted({f for lst in lists for f in lst} | {STATE})
     # Written last: a crash before this line leaves a checkpoint that is never resumed from.
