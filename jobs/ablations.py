@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"unknown variant(s) {unknown} (known: {', '.join(v.slug for v in ALL)})\n")
     variants = tuple(v for v in ALL if not slugs or v.slug in slugs)
     try:
-        check_overrides_known(args.config, args.overrides)
+        check_overrides_known(args.overrides)
         results = run_ablations(args.config, args.overrides, variants)
     except ConfigError as e:
         p.exit(2, f"config error: {e}\n")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsvcr_dist.stages import StageError, run_pipeline
 
     try:
-        check_overrides_known(args.config, args.overrides)
+        check_overrides_known(args.overrides)
         run_dir = Path(load_config(args.config, "evaluate", [o for o in args.overrides
                                                               if o.startswith("run_dir=")]).run_dir)
         run_pipeline(args.config, args.overrides)

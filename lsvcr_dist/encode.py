@@ -143,11 +143,6 @@ def _counts(data_dir: str) -> tuple[int, int]:
     return dims["num_videos"], dims["num_comments"]
 
 
-def _check_dtype(cfg) -> None:
-    if cfg.dtype not in ("fp16", "float16"):
-        raise ValueError(f"encode.dtype={cfg.dtype!r}: the store is fp16 only")
-
-
 def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
     """Drain ``{"text_id", "vector"}`` batches into the store at ``run_dir/embeddings/<which>``.
 
@@ -167,7 +162,6 @@ def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
 
 def encode_texts_local(cfg, log=print) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
-    _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     enc = TextEncoder(**kw)
@@ -193,7 +187,6 @@ def encode_texts(cfg, log=print) -> dict:
     """
     import ray
 
-    _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     res = ray.cluster_resources()

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsvcr_dist.config import STAGES as CONFIG_STAGES
-from lsvcr_dist.config import ConfigError, _probe, load_config, parse_overrides, to_dict
+from lsvcr_dist.config import load_config, overrides_for, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER_DIR = ".pipeline"
@@ -127,26 +126,9 @@ STAGES = [
 ]
 
 
-def stage_overrides(section: str, overrides: list[str]) -> list[str]:
-    """The overrides a stage's job accepts: prefixed ones (its own are applied, other stages' ignored by
-    ``load_config``) and unprefixed keys that this stage's dataclass has (``max_epochs=3`` reaches fine-tune only)."""
-    out = []
-    for item, (key, _) in zip(overrides, parse_overrides(overrides)):
-        head = key.split(".", 1)[0]
-        if head in CONFIG_STAGES:
-            out.append(item)
-            continue
-        try:
-            _probe(CONFIG_STAGES[section], key)
-        except ConfigError:
-            continue
-        out.append(item)
-    return out
-
-
 def stage_hash(config: str | Path | None, stage: Stage, overrides: list[str], upstream: str) -> str:
     """sha256 of the stage's resolved config (+ extra overrides) chained with the upstream stage's hash."""
-    cfg = load_config(config, stage.section, stage_overrides(stage.section, overrides) + stage.extra)
+    cfg = load_config(config, stage.section, overrides_for(stage.section, overrides) + stage.extra)
     blob = json.dumps({"stage": stage.name, "cfg": to_dict(cfg), "up": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -224,7 +206,7 @@ def run_pipeline(config: str | Path, overrides: list[str], runner: Callable[[Sta
         if mk.exists():
             mk.unlink()  # a failed rerun must not leave the old marker claiming completion
         t0 = time.time()
-        rc = runner(st, ["--config", str(config), *stage_overrides(st.section, overrides), *st.extra])
+        rc = runner(st, ["--config", str(config), *overrides_for(st.section, overrides), *st.extra])
         if rc != 0:
             raise StageError(f"stage '{st.name}' (jobs/{st.job}) failed with exit code {rc}")
         problem = st.check(run_dir, cfgs)

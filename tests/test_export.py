@@ -21,7 +21,7 @@ from lsvcr_dist.models.export import example_inputs, export_scorer, load_scorer 
 def test_exported_scores_equal_pytorch(tmp_path, task, kind):
     """LSVCR for both tasks and the two baselines (SASRec has no comment tower, DSSM no video tower)."""
     F.make_prepared(tmp_path)
-    cfg = F.ft_config(tmp_path, model=kind)
+    cfg = F.ft_config(tmp_path, model=kind, init="align" if kind == "lsvcr" else "scratch")  # baselines: scratch
     F.write_aligned(tmp_path, cfg)
     torch.manual_seed(0)
     model, _ = build_finetune_model(cfg, task, num_videos=F.V, text_table=F.text_table(),

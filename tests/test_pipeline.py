@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lsvcr_dist.config import load_config
-from lsvcr_dist.stages import (
-    Stage, StageError, is_done, marker_path, run_pipeline, select_stages, stage_hash, stage_overrides)
+from lsvcr_dist.config import load_config, overrides_for
+from lsvcr_dist.stages import Stage, StageError, is_done, marker_path, run_pipeline, select_stages, stage_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -113,7 +112,7 @@ def test_stage_selection_and_override_routing(tmp_path):
     assert "align" not in [s.name for s in select_stages(scratch)]
     imported = {**base, "prepare": load_config(TINY, "prepare", ["raw_dir=/x"])}
     assert [s.name for s in select_stages(imported)][0] == "prepare"
-    assert stage_overrides("generate", ["run_dir=x", "max_epochs=3", "finetune.patience=1", "num_users=5"]) == [
+    assert overrides_for("generate", ["run_dir=x", "max_epochs=3", "finetune.patience=1", "num_users=5"]) == [
         "run_dir=x", "finetune.patience=1", "num_users=5"]
 
 

@@ -49,19 +49,6 @@ def dims_from_config(cfg: PrepareConfig) -> dict[str, int]:
             "NT": cfg.train_comment_negatives + 1}
 
 
-def _check_config(cfg: PrepareConfig) -> None:
-    if cfg.comment_pad not in ("negatives", "mask"):
-        raise ValueError(f"prepare.comment_pad must be 'negatives' or 'mask', got {cfg.comment_pad!r}")
-    bad = [f for f in cfg.formats if f not in ("parquet", "webdataset")]
-    if bad or not cfg.formats:
-        raise ValueError(f"prepare.formats must be a non-empty subset of [parquet, webdataset], got {cfg.formats}")
-    if cfg.align_hist_len > cfg.finetune_hist_len:
-        raise ValueError("prepare.align_hist_len must be <= finetune_hist_len (alignment reads a suffix)")
-    if min(cfg.shard_rows, cfg.max_comments_per_record, cfg.test_days, cfg.num_video_candidates) < 1 or \
-            cfg.val_days < 0:
-        raise ValueError("prepare: shard_rows, max_comments_per_record, test_days, candidates must be >= 1")
-
-
 # --------------------------------------------------------------------------------------------------- tables
 def _ids_in_order(paths: list[Path]) -> bool:
     """True if the comment ids of the part files, read in order, are 1, 2, 3, ... (reads only that column)."""
@@ -240,16 +227,15 @@ def _csr(comment_video: np.ndarray, num_videos: int) -> tuple[np.ndarray, np.nda
 
 # --------------------------------------------------------------------------------------------------- main
 def validate_inputs(cfg: PrepareConfig) -> dict:
-    """Driver-side checks before Ray starts: config values and every raw part file (``raw.validate_raw``).
+    """Driver-side checks before Ray starts: every raw part file (``raw.validate_raw``) against the config.
 
     Returns:
         The raw statistics of ``validate_raw``.
 
     Raises:
         raw.RawDataError: a raw file is corrupt/truncated or malformed (names file, row, column).
-        ValueError: an invalid config value, or fewer videos than ``num_video_candidates``.
+        ValueError: fewer videos than ``num_video_candidates``.
     """
-    _check_config(cfg)
     raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else Path(cfg.run_dir) / "raw"
     stats = raw_mod.validate_raw(raw_dir)
     if stats["num_videos"] < cfg.num_video_candidates:

@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     w = setup(config)
     cfg, ddp = w.cfg, w.ddp
-    per_worker = max(1, cfg.batch_size // world_size())
+    per_worker = cfg.batch_size // world_size()  # >= 1: the config holds batch_size >= num_workers
     shard = ray.train.get_dataset_shard("train")
     bad = 0
     if rank() == 0:
@@ -205,11 +205,6 @@ def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.model != "lsvcr" and cfg.init != "scratch":
-        raise ValueError(f"finetune.model={cfg.model} is a baseline: set finetune.init=scratch (it reads the base store)")
-    if cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio > 0:
-        raise ValueError("finetune.optim: only a constant learning rate without warm-up is implemented (the public"
-                         f" code's); got schedule={cfg.optim.schedule!r}, warmup_ratio={cfg.optim.warmup_ratio}")
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     trainer = TorchTrainer(
