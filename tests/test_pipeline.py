@@ -116,6 +116,20 @@ def test_stage_selection_and_override_routing(tmp_path):
         "run_dir=x", "finetune.patience=1", "num_users=5"]
 
 
+def test_jobs_runner_runs_each_stage_as_its_job_script(tmp_path):
+    """The library knows no path into jobs/: jobs/pipeline.py hands run_pipeline its runner, which starts the
+    stage's job script as its own process (here the real generate stage, then a skip on the second run)."""
+    import pipeline as job  # jobs/pipeline.py
+    from lsvcr_dist.stages import STAGES as PIPELINE_STAGES
+
+    gen = [s for s in PIPELINE_STAGES if s.name == "generate"]
+    args = (TINY, [f"run_dir={tmp_path}", "generate.num_users=50", "generate.num_video_inter=400"])
+    assert run_pipeline(*args, runner=job.run_stage, stages=gen, log=lambda s: None) == [("generate", "ran")]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["comment_inter", "comments", "video_inter",
+                                                                     "videos"]
+    assert run_pipeline(*args, runner=job.run_stage, stages=gen, log=lambda s: None) == [("generate", "skipped")]
+
+
 # ------------------------------------------------------------------------------------------ ablations harness
 def test_ablation_variants_rerun_only_what_they_change(tmp_path):
     from lsvcr_dist.ablations import ALL, link_shared, stages_for
