@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import statistics
 import types
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from benchmarks.align_bench import BenchParts, SectionTimer, build_parts, full_vocab_forward, timed_micro_step
 
 from lsvcr_dist.config import AlignStageConfig
 from lsvcr_dist.train.align_step import seed_micro_step, text_inputs, to_tensors, trim_prompts, trim_text
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 AB_ITEMS = ("trim", "target_logits", "sdpa", "grad_checkpointing", "fused_adamw", "text_bucket")
 AB_TEXT_BUCKET = 16  # chunk size tried by the text_bucket item when the config leaves it off
@@ -25,13 +30,14 @@ def baseline_on(item: str, cuda: bool, text_bucket: int = 0) -> bool:
     return {"grad_checkpointing": False, "fused_adamw": cuda, "text_bucket": text_bucket > 0}.get(item, True)
 
 
-def _torch_optimizer(engine):
+def _torch_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
     """The torch AdamW inside a DeepSpeed engine (ZeRO wraps it in ``engine.optimizer.optimizer``)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
 
 
-def _set_item(model, item: str, on: bool, optimizer=None, bucket: int = AB_TEXT_BUCKET) -> None:
+def _set_item(model: nn.Module, item: str, on: bool, optimizer: torch.optim.Optimizer | None = None,
+              bucket: int = AB_TEXT_BUCKET) -> None:
     """Switch one speed-work item of an ``AlignModel`` (and its AdamW) in place; ``trim`` is applied by the caller."""
     base = model.llm._base()
     if item == "text_bucket":

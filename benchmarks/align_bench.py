@@ -29,7 +29,7 @@ import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,13 +39,19 @@ from torch import nn
 from lsvcr_dist.config import AlignStageConfig
 from lsvcr_dist.flops import LLMShape, StepCounts, align_step_flops, cpu_matmul_probe, mfu, peak_flops_for_device
 from lsvcr_dist.losses import AlignmentLoss
+from lsvcr_dist.models.align_model import TextInputs
 from lsvcr_dist.train import distributed
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 SECTIONS = ("data_wait", "text_tokenize", "forward", "rank_skew", "all_gather", "loss", "backward", "optimizer")
 
 
 # ------------------------------------------------------------------------------------------------ reference recipe
-def full_vocab_forward(self, prompt_input_ids, prompt_attention_mask, prompt_labels, prompt_last_index):
+def full_vocab_forward(self: nn.Module, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
+                       prompt_labels: torch.Tensor, prompt_last_index: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``LLMRecommender.forward`` computed the public code's way: fp32 logits ``[B, T, V]`` at EVERY position.
 
     Same loss and ``s~`` as the trimmed version (up to float rounding); bound onto a recommender instance with
@@ -86,7 +92,7 @@ class SectionTimer:
         self._t = now
 
 
-def batch_counts(batch: dict, text, n_target_tokens: int, logit_positions: int | None = None) -> StepCounts:
+def batch_counts(batch: dict, text: TextInputs, n_target_tokens: int, logit_positions: int | None = None) -> StepCounts:
     """Real-token counts of one micro-batch (``flops.StepCounts``)."""
     lens = batch["prompt_attention_mask"].sum(1).tolist()
     tl = text.attention_mask.sum(1).tolist() if text.attention_mask is not None else []
@@ -96,8 +102,8 @@ def batch_counts(batch: dict, text, n_target_tokens: int, logit_positions: int |
                       logit_positions=logit_positions, sr_positions=b * (lh * (3 + k) + 2))
 
 
-def timed_micro_step(engine, loss_fn, batch: dict, text, rand_pos: bool, timer: SectionTimer,
-                     gather: bool = True) -> dict:
+def timed_micro_step(engine: DeepSpeedEngine, loss_fn: AlignmentLoss, batch: dict, text: TextInputs, rand_pos: bool,
+                     timer: SectionTimer, gather: bool = True) -> dict:
     """One micro-step (forward, pool, L_ALI, backward, step) with a lap per section.
 
     Args:
@@ -153,7 +159,7 @@ class BenchParts:
 
     model: nn.Module
     """The ``AlignModel`` (its ``llm.forward`` swapped for ``full_vocab_forward`` in the reference recipe)."""
-    engine: Any
+    engine: DeepSpeedEngine
     """DeepSpeed engine wrapping ``model``."""
     loss_fn: AlignmentLoss
     """L_ALI (Eq. 16)."""
@@ -272,7 +278,7 @@ def run_window(cfg: AlignStageConfig, data_dir: str, batches: Iterable[dict], wa
             "device": device, "torch_threads": torch.get_num_threads()}
 
 
-def _glm_targets(targets) -> list[str]:
+def _glm_targets(targets: list[str]) -> list[str]:
     from lsvcr_dist.flops import GLM_LINEARS
 
     return [t for t in targets if t in GLM_LINEARS]

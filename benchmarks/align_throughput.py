@@ -19,6 +19,7 @@ Generates and prepares the config's tiny data into ``run_dir`` first when ``run_
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -35,19 +37,23 @@ sys.path.insert(0, str(ROOT / "jobs"))
 from _cli import init_ray, parse  # noqa: E402 - also puts ROOT on sys.path: `benchmarks` is a package there
 
 from benchmarks.align_bench import reference_bench_worker, summarize  # noqa: E402
+from lsvcr_dist.config import AlignStageConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 CHATGLM3_6B_SHAPED = ["llm.kind=tiny_glm", "llm.hidden_size=4096", "llm.num_layers=28", "llm.num_heads=32",
                       "llm.num_kv_heads=2", "llm.ffn_size=13696", "llm.vocab_size=65024"]
 
 
-def _extra(p) -> None:
+def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="result JSON path (a PNG of the scaling is written beside it)")
     p.add_argument("--warmup", type=int, default=2, help="untimed micro-steps per run")
     p.add_argument("--steps", type=int, default=8, help="timed micro-steps per run")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (weak scaling)")
-    p.add_argument("--reference", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the public code's recipe side by side")
-    p.add_argument("--trim", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
                    help="ours: trim prompts/texts to the longest real length of the micro-batch")
     p.add_argument("--model", choices=["config", "tiny", "chatglm3-6b-shaped"], default="config",
                    help="config/tiny: the config's llm block (a real checkpoint via llm.kind=hf llm.path=...); "
@@ -98,7 +104,7 @@ def ensure_data(config: str, overrides: list[str], run_dir: Path) -> None:
     prepare(load_config(config, "prepare", overrides_for("prepare", overrides)), log=lambda *_: None)
 
 
-def _align_dataset(cfg, rows: int):
+def _align_dataset(cfg: AlignStageConfig, rows: int) -> Dataset:
     """The training pipeline (``align_run.build_align_dataset``) over the first ``rows`` train INSTANCE rows."""
     from lsvcr_dist.data.ingest import read_instances
     from lsvcr_dist.train.align_run import build_align_dataset
@@ -107,7 +113,7 @@ def _align_dataset(cfg, rows: int):
     return build_align_dataset(cfg, read_instances(data_dir, "train", fmt=cfg.ingest.format).limit(rows))
 
 
-def measure_ingest(cfg, manifest: dict, rows: int) -> dict:
+def measure_ingest(cfg: AlignStageConfig, manifest: dict, rows: int) -> dict:
     """Rows/s Ray Data delivers of the transformed ALIGN dataset (same pipeline as training, no model).
 
     ``rows_per_s`` counts from the call (actor start and tokenizer load included: a lower bound);
@@ -126,7 +132,7 @@ def measure_ingest(cfg, manifest: dict, rows: int) -> dict:
             "rows_per_s_after_first_batch": after}
 
 
-def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
+def run_ours(cfg: AlignStageConfig, manifest: dict, args: argparse.Namespace, threads: int, tmp: Path) -> dict:
     """One Ray Train fit of ``ray_bench_worker`` in the stage's trainer; returns ``summarize`` of the ranks."""
     from ray.train import RunConfig
 
@@ -147,7 +153,7 @@ def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
     return summarize(json.loads(out.read_text()))
 
 
-def reference_batches(cfg, manifest: dict, world: int, per_rank: int) -> list[list[dict]]:
+def reference_batches(cfg: AlignStageConfig, manifest: dict, world: int, per_rank: int) -> list[list[dict]]:
     """Pre-transformed micro-batches in memory (no Ray): the first rows of the train shards through AlignTransform."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -172,7 +178,7 @@ def reference_batches(cfg, manifest: dict, world: int, per_rank: int) -> list[li
     return [mbs[r::world] for r in range(world)]
 
 
-def run_reference(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
+def run_reference(cfg: AlignStageConfig, manifest: dict, args: argparse.Namespace, threads: int, tmp: Path) -> dict:
     """The public code's recipe with ``world`` spawned processes; returns ``summarize`` of the ranks."""
     import torch.multiprocessing as mp
 
@@ -218,12 +224,12 @@ def _cpu_peak(threads: int) -> float:
         torch.set_num_threads(old)
 
 
-def _peak(args) -> float:
+def _peak(args: argparse.Namespace) -> float:
     """Per-device peak FLOP/s handed to the workers (0 = they detect it by CUDA device name)."""
     return args.peak_tflops * 1e12 if args.peak_tflops else getattr(args, "cpu_peak_flops", 0.0)
 
 
-def run_ab(cfg, manifest: dict, args) -> dict:
+def run_ab(cfg: AlignStageConfig, manifest: dict, args: argparse.Namespace) -> dict:
     """``align_ab.ab_compare`` in this process inside a one-rank gloo/nccl group (no Ray)."""
     import torch
     import torch.distributed as dist
@@ -275,7 +281,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def ab_main(args, overrides: list[str], base_cfg, manifest: dict, command: str) -> int:
+def ab_main(args: argparse.Namespace, overrides: list[str], base_cfg: AlignStageConfig, manifest: dict,
+            command: str) -> int:
     """``--ab ROUNDS``: paired A/B of the speed-work items at one worker; writes ``--out``, prints the speed-ups."""
     from lsvcr_dist.config import load_config
 
@@ -291,7 +298,8 @@ def ab_main(args, overrides: list[str], base_cfg, manifest: dict, command: str) 
     return 0
 
 
-def run_scaling(args, overrides: list[str], base_cfg, manifest: dict, workers: list[int]) -> tuple[list, dict, dict]:
+def run_scaling(args: argparse.Namespace, overrides: list[str], base_cfg: AlignStageConfig, manifest: dict,
+                workers: list[int]) -> tuple[list[dict], dict, dict]:
     """The ingest measurement once, then ours (and the reference) at every worker count.
 
     Returns:
@@ -332,7 +340,7 @@ def run_scaling(args, overrides: list[str], base_cfg, manifest: dict, workers: l
     return runs, ingest, phases
 
 
-def scaling_result(runs: list[dict], ingest: dict, args, base_cfg) -> dict:
+def scaling_result(runs: list[dict], ingest: dict, args: argparse.Namespace, base_cfg: AlignStageConfig) -> dict:
     """The result JSON: ours at the largest worker count on top, the scaling series, ingest over consumption."""
     one = runs[0]["ours"]["samples_per_s"] / runs[0]["workers"]  # per-worker rate at the smallest W
     top = runs[-1]

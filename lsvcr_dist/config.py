@@ -59,7 +59,8 @@ class GenerateConfig:
     num_comment_inter: int = 1500
     """Comment interactions (like/reply), each a record of 1..k comments under one video."""
     num_topics: int = 16
-    """Latent interest topics."""
+    """Latent interest topics: each video has a primary topic, each user a mix; titles and comments use the topic's
+    words, so the logs carry a signal a recommender can learn."""
     days: int = 8
     """Days of logs (the last two become validation and test)."""
     start_date: str = "2023-10-24"
@@ -197,7 +198,7 @@ class AlignStageConfig:
     max_steps: int = 5000
     """Optimizer steps (paper: 5000)."""
     log_every: int = 1
-    """Steps between metric lines."""
+    """Optimizer steps between lines of ``run_dir/align/metrics.jsonl`` (a checkpoint step always logs)."""
     text_source: Literal["online", "store"] = "online"
     """SR text features: ``online`` (LoRA LLM with gradients, the public code) or ``store`` (frozen embedding store)."""
     rand_pos: bool = True
@@ -253,12 +254,13 @@ class FinetuneStageConfig:
     sr: SRConfig = field(default_factory=SRConfig)
     """SR model (must match the aligned weights)."""
     loss: LossConfig = field(default_factory=LossConfig)
-    """eta and L_REG switches."""
+    """Fine-tune reads ``tau``, ``eta`` and ``use_reg``/``reg_negatives`` (L_FT, Eq. 17-19); the alignment weights are
+    ignored here."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_ratio=0.0,
                                                                    schedule="constant", grad_clip=0.0))
     """Optimizer (public code: AdamW 1e-3, wd 1e-5, constant)."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    """Workers (plain DDP)."""
+    """Workers (plain DDP: the SR model is small, every worker holds all of it)."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
     """How the task's train rows stream into the workers (format, shuffle, prefetch)."""
     tasks: list[Literal["video", "comment"]] = field(default_factory=lambda: ["video", "comment"])
@@ -274,7 +276,7 @@ class FinetuneStageConfig:
     batch_size: int = 512
     """Global batch: each of the ``scaling.num_workers`` workers takes ``batch_size // num_workers`` rows."""
     max_epochs: int = 50
-    """Epoch limit."""
+    """Epochs at most; early stopping (``patience``) usually ends sooner."""
     patience: int = 5
     """Early stop after this many evaluations without a better validation NDCG@10."""
     timeout_s: int = 3600

@@ -270,7 +270,7 @@ class IngestConfig:
     """Streaming of prepared shards into the workers."""
 
     format: Literal["parquet", "webdataset"] = "parquet"
-    """Shard format read."""
+    """Shard format read (both hold the same rows; preparation writes the ones in ``prepare.formats``)."""
     shuffle_seed: int = 0
     """Base seed of the per-epoch shuffle; epoch e uses ``shuffle_seed + e``."""
     local_shuffle_buffer: int = 0

@@ -11,10 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lsvcr_dist.config import AlignStageConfig, to_dict
 from lsvcr_dist.train.checkpoint import find_latest_complete
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    from ray.data import Dataset
+    from ray.train import Result, RunConfig
+    from ray.train.torch import TorchTrainer
 
 RUN_NAME = "checkpoints"
 
@@ -31,7 +38,7 @@ class StreamAlignTransform:
 
         self.inner = AlignTransform(**kwargs)
 
-    def __call__(self, batch):
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from lsvcr_dist.data.ingest import to_numpy_batch
 
         return self.inner(to_numpy_batch(batch, self.inner.dims))
@@ -58,7 +65,7 @@ def validate_prepared(cfg: AlignStageConfig) -> dict:
     return manifest
 
 
-def build_align_datasets(cfg: AlignStageConfig, instances=None) -> dict:
+def build_align_datasets(cfg: AlignStageConfig, instances: Dataset | None = None) -> dict[str, Dataset]:
     """``{dataset_name: dataset}``: one lazy ALIGN dataset per ComDiv draw (``ingest.epoch_draws``).
 
     Draw k runs ``AlignTransform(epoch=k)``, so epoch e of training sees new diversified comments and popular-
@@ -70,7 +77,7 @@ def build_align_datasets(cfg: AlignStageConfig, instances=None) -> dict:
     return {dataset_name(k, n): build_align_dataset(cfg, instances, draw=k) for k in range(n)}
 
 
-def build_align_dataset(cfg: AlignStageConfig, instances=None, draw: int = 0):
+def build_align_dataset(cfg: AlignStageConfig, instances: Dataset | None = None, draw: int = 0) -> Dataset:
     """Train INSTANCE shards -> ``map_batches(AlignTransform)`` -> ALIGN_BATCH rows (a lazy ``ray.data.Dataset``).
 
     Args:
@@ -98,8 +105,8 @@ def run_name(cfg: AlignStageConfig) -> str:
     return RUN_NAME if cfg.checkpoint.resume else f"{RUN_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_config: dict, datasets: dict,
-                  run_config: Any):
+def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_config: dict,
+                  datasets: dict[str, Dataset], run_config: RunConfig) -> TorchTrainer:
     """A ``TorchTrainer`` for alignment-shaped work: ``cfg``'s workers and backend, deterministic dataset split.
 
     The stage (``build_trainer``) and the throughput benchmark (its own timed ``loop``) both build their trainer here.
@@ -130,7 +137,8 @@ def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_conf
     )
 
 
-def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None, fault_inject: str | None = None):
+def build_trainer(cfg: AlignStageConfig, dataset: Dataset | dict[str, Dataset], resume_from: str | None = None,
+                  fault_inject: str | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of the stage (DeepSpeed inside ``train_loop_per_worker``).
 
     Args:
@@ -162,8 +170,8 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
     return align_trainer(cfg, train_loop_per_worker, loop_cfg, datasets, run_config)
 
 
-def run_align(cfg: AlignStageConfig, instances=None, fault_inject: str | None = None,
-              log: Callable[[str], None] = lambda _: None):
+def run_align(cfg: AlignStageConfig, instances: Dataset | None = None, fault_inject: str | None = None,
+              log: Callable[[str], None] = lambda _: None) -> Result:
     """Validate, build the dataset and trainer, resume if a complete checkpoint exists, ``fit()``.
 
     What ``jobs/align.py`` runs and the Ray tests test. Needs an initialized Ray (the caller's ``ray.init``).

@@ -14,7 +14,7 @@ Gradient accumulation adds no negatives. Target text ids are gathered too, for d
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from lsvcr_dist.losses import AlignmentLoss
 from lsvcr_dist.models.align_model import TextInputs, unique_text_ids
 from lsvcr_dist.train.distributed import all_gather, all_gather_with_grad, all_reduce_sum, rank_offsets
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 # Long columns of schema.ALIGN_BATCH used by the model (everything is int64).
 BATCH_KEYS = (
@@ -67,7 +70,7 @@ def text_inputs(batch: dict[str, Any], num_videos: int,
                       torch.as_tensor(mask, dtype=torch.long, device=device))
 
 
-def _np(x):
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
@@ -105,7 +108,7 @@ def trim_text(text: TextInputs) -> TextInputs:
     return text._replace(input_ids=text.input_ids[:, :t], attention_mask=text.attention_mask[:, :t])
 
 
-def micro_step(engine: Any, loss_fn: AlignmentLoss, batch: dict[str, torch.Tensor], text: TextInputs,
+def micro_step(engine: DeepSpeedEngine, loss_fn: AlignmentLoss, batch: dict[str, torch.Tensor], text: TextInputs,
                rand_pos: bool) -> dict:
     """Forward + L_ALI (Eq. 16) over the gathered pool + ``engine.backward`` + ``engine.step``.
 

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +33,9 @@ from torch import nn
 
 from lsvcr_dist.config import dump_yaml
 from lsvcr_dist.train.distributed import gather_objects, rank, world_size
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -133,7 +136,7 @@ def _files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def save_checkpoint(engine, model: nn.Module, tmp_dir: str | Path, cfg: Any, state: dict,
+def save_checkpoint(engine: DeepSpeedEngine, model: nn.Module, tmp_dir: str | Path, cfg: Any, state: dict,
                     manifest_path: str | Path | None) -> list[str]:
     """Write this rank's part of a checkpoint into ``tmp_dir`` (then the caller reports it to Ray).
 
@@ -208,12 +211,12 @@ def find_latest_complete(align_dir: str | Path) -> Path | None:
     return None if best is None else best[2]
 
 
-def _weights_only_load(path: str, map_location=None):
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
     """DeepSpeed's checkpoint-engine ``load`` without unpickling arbitrary objects (the project rule)."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def restore_checkpoint(engine, path: str | Path) -> dict:
+def restore_checkpoint(engine: DeepSpeedEngine, path: str | Path) -> dict:
     """Load model, optimizer and scheduler state into ``engine`` from a complete checkpoint; return its state.
 
     Every rank calls this with the same (shared-storage) path. DeepSpeed's own reader is switched to

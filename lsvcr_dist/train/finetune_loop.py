@@ -43,9 +43,21 @@ def _mean_across(x: float) -> float:
     return float(all_reduce_mean(torch.tensor([x], dtype=torch.float64)))
 
 
-def train_step(ddp_model, batch: dict[str, torch.Tensor], task: str, task_loss, ft_loss, opt,
-               generator: torch.Generator, grad_clip: float = 0.0) -> dict:
-    """One optimizer step; returns the loss metrics (local values)."""
+def train_step(ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: str, task_loss: nn.Module,
+               ft_loss: FinetuneLoss, opt: torch.optim.Optimizer, generator: torch.Generator,
+               grad_clip: float = 0.0) -> dict:
+    """One optimizer step; returns the loss metrics (this worker's values).
+
+    Args:
+        ddp_model: the task model (DDP-wrapped) returning ``(s [B, d], candidates, reg)`` with ``train=True``.
+        batch: FINETUNE_BATCH tensors ``[B, ...]``.
+        task: ``video`` (targets = ``target_video``) or ``comment`` (positives = ``train_comment_cands > 0``).
+        task_loss: L_VRT (Eq. 18) or the in-video comment cross-entropy.
+        ft_loss: adds eta * L_REG (Eq. 19).
+        opt: AdamW.
+        generator: draws the L_REG negatives.
+        grad_clip: global gradient-norm clip; 0 = off.
+    """
     s, cand, reg = ddp_model(batch, train=True)
     if task == "video":
         loss_task, _ = task_loss(s, cand, batch["target_video"])

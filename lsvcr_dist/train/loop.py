@@ -15,11 +15,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray.train
@@ -39,6 +38,9 @@ from lsvcr_dist.train.align_step import (
 )
 from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
 from lsvcr_dist.train.distributed import barrier
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 FAULT_ENV = "LSVCR_FAULT_INJECT"
 LOGGED = ("loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr")
@@ -81,7 +83,7 @@ class Worker:
     """Workers in the group: the contrastive pool is ``micro_batch * world`` rows."""
     device: torch.device
     """Where the engine and the batches live."""
-    engine: Any
+    engine: DeepSpeedEngine
     """The DeepSpeed engine wrapping the ``AlignModel`` (and its AdamW and LR schedule)."""
     loss_fn: AlignmentLoss
     """L_ALI (Eq. 16) over the gathered pool."""
