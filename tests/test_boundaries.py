@@ -242,6 +242,15 @@ def test_library_uses_neither_jobs_nor_benchmarks_and_jobs_use_no_benchmark():
     assert top_level_imports(sorted((ROOT / "jobs").glob("*.py")), BENCH_MODULES) == []
 
 
+def test_architecture_states_the_same_layers():
+    """ARCHITECTURE.md's layer table is the one tested here (lowest first, same modules)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    table = text[text.index("| layer (lowest first) | modules |"):].split("\n\n")[0].splitlines()[2:]
+    stated = [(row.split("|")[1].strip(), tuple(m.strip(" `") for m in row.split("|")[2].split(",")))
+              for row in table]
+    assert stated == [(name, tuple(m for m in mods if m != "__init__.py")) for name, mods in LAYERS]
+
+
 def test_cycle_and_direction_checkers_catch_violations(tmp_path):
     loop = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
     assert cycles(loop) == [["a", "b", "c"]]
