@@ -10,7 +10,7 @@
 
 Once: the Ray Data ingest rate (the same transformed dataset iterated by the driver without a model). For every
 worker count W (weak scaling: fixed micro batch per worker, global batch = micro x W so every micro-step is an
-optimizer step): (1) ours: ``lsvcr_dist.train.bench.ray_bench_worker`` in a ``TorchTrainer``, (2) the reference
+optimizer step): (1) ours: ``align_bench.ray_bench_worker`` in the stage's ``TorchTrainer``, (2) the reference
 recipe: ``reference_bench_worker`` under ``torch.multiprocessing.spawn`` with in-memory pre-transformed batches, local
 negatives, padded prompts, full-vocabulary logits, ZeRO-2. Writes one JSON (top level = ours at the largest W) and
 a PNG of the scaling. Tokens = real prompt tokens (instruction + target + eos) + real text-encoder tokens.
@@ -19,6 +19,7 @@ Generates and prepares the config's tiny data into ``run_dir`` first when ``run_
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -28,24 +29,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 
-from _cli import init_ray, parse  # noqa: E402
+from _cli import init_ray, parse  # noqa: E402 - also puts ROOT on sys.path: `benchmarks` is a package there
+
+from benchmarks.align_bench import reference_bench_worker, summarize  # noqa: E402
+from lsvcr_dist.config import AlignStageConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 CHATGLM3_6B_SHAPED = ["llm.kind=tiny_glm", "llm.hidden_size=4096", "llm.num_layers=28", "llm.num_heads=32",
                       "llm.num_kv_heads=2", "llm.ffn_size=13696", "llm.vocab_size=65024"]
 
 
-def _extra(p) -> None:
+def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="result JSON path (a PNG of the scaling is written beside it)")
     p.add_argument("--warmup", type=int, default=2, help="untimed micro-steps per run")
     p.add_argument("--steps", type=int, default=8, help="timed micro-steps per run")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (weak scaling)")
-    p.add_argument("--reference", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the public code's recipe side by side")
-    p.add_argument("--trim", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
                    help="ours: trim prompts/texts to the longest real length of the micro-batch")
     p.add_argument("--model", choices=["config", "tiny", "chatglm3-6b-shaped"], default="config",
                    help="config/tiny: the config's llm block (a real checkpoint via llm.kind=hf llm.path=...); "
@@ -79,17 +87,9 @@ def _init_ray(num_cpus: int, attempts: int = 3) -> None:
             time.sleep(5)
 
 
-def _stage_overrides(stage: str, overrides: list[str]) -> list[str]:
-    """The overrides whose top key exists in ``stage`` (``deepspeed.*`` means nothing to ``generate``)."""
-    from lsvcr_dist.config import STAGES
-
-    names = {f.name for f in dataclasses.fields(STAGES[stage])}
-    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in names]
-
-
 def ensure_data(config: str, overrides: list[str], run_dir: Path) -> None:
     """Generate + prepare the preset's data into ``run_dir`` when ``run_dir/data/manifest.json`` is missing."""
-    from lsvcr_dist.config import load_config
+    from lsvcr_dist.config import load_config, overrides_for
 
     if (run_dir / "data" / "manifest.json").is_file():
         return
@@ -97,14 +97,14 @@ def ensure_data(config: str, overrides: list[str], run_dir: Path) -> None:
         from lsvcr_dist.data.generate import generate_logs
 
         print(f"[bench] generating logs into {run_dir / 'raw'}", flush=True)
-        generate_logs(load_config(config, "generate", _stage_overrides("generate", overrides)))
+        generate_logs(load_config(config, "generate", overrides_for("generate", overrides)))
     from lsvcr_dist.data.prepare import prepare
 
     print(f"[bench] preparing {run_dir / 'data'}", flush=True)
-    prepare(load_config(config, "prepare", _stage_overrides("prepare", overrides)), log=lambda *_: None)
+    prepare(load_config(config, "prepare", overrides_for("prepare", overrides)), log=lambda *_: None)
 
 
-def _align_dataset(cfg, rows: int):
+def _align_dataset(cfg: AlignStageConfig, rows: int) -> Dataset:
     """The training pipeline (``align_run.build_align_dataset``) over the first ``rows`` train INSTANCE rows."""
     from lsvcr_dist.data.ingest import read_instances
     from lsvcr_dist.train.align_run import build_align_dataset
@@ -113,7 +113,7 @@ def _align_dataset(cfg, rows: int):
     return build_align_dataset(cfg, read_instances(data_dir, "train", fmt=cfg.ingest.format).limit(rows))
 
 
-def measure_ingest(cfg, manifest: dict, rows: int) -> dict:
+def measure_ingest(cfg: AlignStageConfig, manifest: dict, rows: int) -> dict:
     """Rows/s Ray Data delivers of the transformed ALIGN dataset (same pipeline as training, no model).
 
     ``rows_per_s`` counts from the call (actor start and tokenizer load included: a lower bound);
@@ -132,14 +132,13 @@ def measure_ingest(cfg, manifest: dict, rows: int) -> dict:
             "rows_per_s_after_first_batch": after}
 
 
-def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
-    """One Ray Train fit of ``ray_bench_worker``; returns ``bench.summarize`` of the per-rank results."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def run_ours(cfg: AlignStageConfig, manifest: dict, args: argparse.Namespace, threads: int, tmp: Path) -> dict:
+    """One Ray Train fit of ``ray_bench_worker`` in the stage's trainer; returns ``summarize`` of the ranks."""
+    from ray.train import RunConfig
 
+    from benchmarks.align_bench import ray_bench_worker
     from lsvcr_dist.config import to_dict
-    from lsvcr_dist.data.ingest import ingest_data_config
-    from lsvcr_dist.train.bench import ray_bench_worker, summarize
+    from lsvcr_dist.train.align_run import align_trainer
 
     w = cfg.scaling.num_workers
     out = tmp / f"ours_w{w}.json"
@@ -147,21 +146,14 @@ def run_ours(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
     loop = {"cfg": to_dict(cfg), "data_dir": str(Path(cfg.run_dir) / "data"), "warmup": args.warmup,
             "steps": args.steps, "trim": args.trim and cfg.trim_padding, "peak_flops": _peak(args), "out": str(out),
             "threads": threads, "prefetch_batches": cfg.ingest.prefetch_batches}
-    sc = cfg.scaling
-    trainer = TorchTrainer(
-        ray_bench_worker, train_loop_config=loop,
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
-        scaling_config=ScalingConfig(num_workers=w, use_gpu=sc.use_gpu,
-                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
-        datasets={"train": ds}, dataset_config=ingest_data_config(preserve_order=True),
-        run_config=RunConfig(name=f"bench_w{w}_{int(time.time())}", storage_path=str(tmp / "ray")))
-    result = trainer.fit()
+    run_config = RunConfig(name=f"bench_w{w}_{int(time.time())}", storage_path=str(tmp / "ray"))
+    result = align_trainer(cfg, ray_bench_worker, loop, {"train": ds}, run_config).fit()
     if result.error:
         raise RuntimeError(f"ours with {w} workers failed: {result.error}")
     return summarize(json.loads(out.read_text()))
 
 
-def reference_batches(cfg, manifest: dict, world: int, per_rank: int) -> list[list[dict]]:
+def reference_batches(cfg: AlignStageConfig, manifest: dict, world: int, per_rank: int) -> list[list[dict]]:
     """Pre-transformed micro-batches in memory (no Ray): the first rows of the train shards through AlignTransform."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -186,12 +178,11 @@ def reference_batches(cfg, manifest: dict, world: int, per_rank: int) -> list[li
     return [mbs[r::world] for r in range(world)]
 
 
-def run_reference(cfg, manifest: dict, args, threads: int, tmp: Path) -> dict:
-    """The public code's recipe with ``world`` spawned processes; returns ``bench.summarize``."""
+def run_reference(cfg: AlignStageConfig, manifest: dict, args: argparse.Namespace, threads: int, tmp: Path) -> dict:
+    """The public code's recipe with ``world`` spawned processes; returns ``summarize`` of the ranks."""
     import torch.multiprocessing as mp
 
     from lsvcr_dist.config import to_dict
-    from lsvcr_dist.train.bench import reference_bench_worker, summarize
 
     w = cfg.scaling.num_workers
     ref = to_dict(cfg)
@@ -233,17 +224,17 @@ def _cpu_peak(threads: int) -> float:
         torch.set_num_threads(old)
 
 
-def _peak(args) -> float:
+def _peak(args: argparse.Namespace) -> float:
     """Per-device peak FLOP/s handed to the workers (0 = they detect it by CUDA device name)."""
     return args.peak_tflops * 1e12 if args.peak_tflops else getattr(args, "cpu_peak_flops", 0.0)
 
 
-def run_ab(cfg, manifest: dict, args) -> dict:
-    """``bench_ab.ab_compare`` in this process inside a one-rank gloo/nccl group (no Ray)."""
+def run_ab(cfg: AlignStageConfig, manifest: dict, args: argparse.Namespace) -> dict:
+    """``align_ab.ab_compare`` in this process inside a one-rank gloo/nccl group (no Ray)."""
     import torch
     import torch.distributed as dist
 
-    from lsvcr_dist.train.bench_ab import ab_compare
+    from benchmarks.align_ab import ab_compare
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -286,49 +277,47 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    base_cfg, args = parse("align", __doc__.splitlines()[0], argv, extra=_extra)
-    # The shape first, so a dotted override can still change it (e.g. llm.num_layers=1 for a CPU smoke run).
-    argv_overrides = (CHATGLM3_6B_SHAPED if args.model == "chatglm3-6b-shaped" else []) + list(args.overrides)
-    workers = [int(x) for x in args.workers.split(",") if x.strip()]
-    if not workers or min(workers) < 1 or args.steps < 1 or args.warmup < 0:
-        print("bench: --workers must list positive counts, --steps >= 1, --warmup >= 0", file=sys.stderr)
-        return 2
-    from lsvcr_dist.config import load_config
-    from lsvcr_dist.data.manifest import read_manifest
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    run_dir = Path(base_cfg.run_dir)
-    if not args.ab or not (run_dir / "data" / "manifest.json").is_file():
-        _init_ray(max(4, 2 * max(workers)))
-    ensure_data(args.config, argv_overrides, run_dir)
-    manifest = read_manifest(run_dir / "data")
-    if args.ab:
-        cfg = load_config(args.config, "align", argv_overrides + ["scaling.num_workers=1",
-                                                                  f"global_batch={base_cfg.deepspeed.micro_batch}"])
-        load_before = os.getloadavg()[0]
-        ab = run_ab(cfg, manifest, args)
-        res = {"ab": ab, "rounds": args.ab, "model": args.model, "micro_batch": base_cfg.deepspeed.micro_batch,
-               "load_avg_1m": [load_before, os.getloadavg()[0]],
-               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "command": "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None
-                                                                           else sys.argv[1:])}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        print(json.dumps({k: round(v["speedup_with"], 3) if "speedup_with" in v else v for k, v in ab.items()}))
-        return 0
+
+def ab_main(args: argparse.Namespace, overrides: list[str], base_cfg: AlignStageConfig, manifest: dict,
+            command: str) -> int:
+    """``--ab ROUNDS``: paired A/B of the speed-work items at one worker; writes ``--out``, prints the speed-ups."""
+    from lsvcr_dist.config import load_config
+
+    cfg = load_config(args.config, "align", overrides + ["scaling.num_workers=1",
+                                                         f"global_batch={base_cfg.deepspeed.micro_batch}"])
+    load_before = os.getloadavg()[0]
+    ab = run_ab(cfg, manifest, args)
+    res = {"ab": ab, "rounds": args.ab, "model": args.model, "micro_batch": base_cfg.deepspeed.micro_batch,
+           "load_avg_1m": [load_before, os.getloadavg()[0]], "date": _now(), "command": command}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: round(v["speedup_with"], 3) if "speedup_with" in v else v for k, v in ab.items()}))
+    return 0
+
+
+def run_scaling(args: argparse.Namespace, overrides: list[str], base_cfg: AlignStageConfig, manifest: dict,
+                workers: list[int]) -> tuple[list[dict], dict, dict]:
+    """The ingest measurement once, then ours (and the reference) at every worker count.
+
+    Returns:
+        ``(runs, ingest, phase_wall_s)``: one row per worker count, the ingest rates, and the wall time per phase.
+    """
+    from lsvcr_dist.config import load_config
+
     cpus = os.cpu_count() or 1
     runs, tmp = [], Path(tempfile.mkdtemp(prefix="lsvcr-bench-"))
     mb = base_cfg.deepspeed.micro_batch
     # One ingest measurement (the driver iterates the same transformed pipeline, no model), --ingest-rows so the
     # steady rate is not three batches; the first-batch latency (actor start, tokenizer load) is reported apart.
     print("[bench] ingest", flush=True)
-    phases = {}
     t0 = time.perf_counter()
-    load_before = os.getloadavg()[0]
     ingest = measure_ingest(base_cfg, manifest, max(args.ingest_rows, (args.warmup + args.steps) * mb * max(workers)))
-    phases["ingest"] = time.perf_counter() - t0
+    phases = {"ingest": time.perf_counter() - t0}
     for w in workers:
-        cfg = load_config(args.config, "align", argv_overrides + [f"scaling.num_workers={w}", f"global_batch={mb * w}"])
+        cfg = load_config(args.config, "align", overrides + [f"scaling.num_workers={w}", f"global_batch={mb * w}"])
         threads = args.threads or max(1, cpus // w)  # same thread budget for both recipes
         if not args.peak_tflops and not cfg.scaling.use_gpu:
             # One CPU "peak" per W, probed here with the workers' thread count, shared by both recipes so their
@@ -348,9 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] W={w}: ours {ours['samples_per_s']:.2f} samples/s"
               + (f", reference {row['reference']['samples_per_s']:.2f}" if args.reference else ""), flush=True)
         runs.append(row)
+    return runs, ingest, phases
+
+
+def scaling_result(runs: list[dict], ingest: dict, args: argparse.Namespace, base_cfg: AlignStageConfig) -> dict:
+    """The result JSON: ours at the largest worker count on top, the scaling series, ingest over consumption."""
     one = runs[0]["ours"]["samples_per_s"] / runs[0]["workers"]  # per-worker rate at the smallest W
     top = runs[-1]
-    result = {
+    consumption = top["ours"]["samples_per_s"]
+    breakdown = top["ours"]["step_time_breakdown_s"]
+    return {
         **top["ours"],
         "reference": top.get("reference"),
         "ratio_ours_over_reference": top.get("ratio_ours_over_reference"),
@@ -369,17 +365,37 @@ def main(argv: list[str] | None = None) -> int:
         "ingest": ingest,
         # Steady delivery rate over the step's consumption (> 1: data is not the bottleneck once started); the
         # start-up (actor spawn, tokenizer load) is reported apart and is paid once per run, not per step.
-        "ingest_over_consumption": ingest["rows_per_s_after_first_batch"] / top["ours"]["samples_per_s"],
-        "ingest_over_consumption_incl_startup": ingest["rows_per_s"] / top["ours"]["samples_per_s"],
-        "data_wait_share": top["ours"]["step_time_breakdown_s"]["data_wait"]
-        / max(sum(top["ours"]["step_time_breakdown_s"].values()), 1e-12),
+        "ingest_over_consumption": ingest["rows_per_s_after_first_batch"] / consumption,
+        "ingest_over_consumption_incl_startup": ingest["rows_per_s"] / consumption,
+        "data_wait_share": breakdown["data_wait"] / max(sum(breakdown.values()), 1e-12),
         "runs": runs,
-        "phase_wall_s": phases,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_avg_1m": [load_before, os.getloadavg()[0]],  # box load at start / end: context for CPU timings
-        "host": f"{cpus} CPU cores" + (", GPU" if base_cfg.scaling.use_gpu else ", no GPU"),
-        "command": "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    base_cfg, args = parse("align", __doc__.splitlines()[0], argv, extra=_extra)
+    # The shape first, so a dotted override can still change it (e.g. llm.num_layers=1 for a CPU smoke run).
+    overrides = (CHATGLM3_6B_SHAPED if args.model == "chatglm3-6b-shaped" else []) + list(args.overrides)
+    workers = [int(x) for x in args.workers.split(",") if x.strip()]
+    if not workers or min(workers) < 1 or args.steps < 1 or args.warmup < 0:
+        print("bench: --workers must list positive counts, --steps >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    from lsvcr_dist.data.manifest import read_manifest
+
+    run_dir = Path(base_cfg.run_dir)
+    if not args.ab or not (run_dir / "data" / "manifest.json").is_file():
+        _init_ray(max(4, 2 * max(workers)))
+    ensure_data(args.config, overrides, run_dir)
+    manifest = read_manifest(run_dir / "data")
+    command = "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.ab:
+        return ab_main(args, overrides, base_cfg, manifest, command)
+    load_before = os.getloadavg()[0]
+    runs, ingest, phases = run_scaling(args, overrides, base_cfg, manifest, workers)
+    result = {**scaling_result(runs, ingest, args, base_cfg), "phase_wall_s": phases, "date": _now(),
+              "load_avg_1m": [load_before, os.getloadavg()[0]],  # box load at start / end: context for CPU timings
+              "host": f"{os.cpu_count() or 1} CPU cores" + (", GPU" if base_cfg.scaling.use_gpu else ", no GPU"),
+              "command": command}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from _cli import DEFAULT_ENV, ROOT  # noqa: F401 - ROOT puts the checkout on sys.path
+from _cli import DEFAULT_ENV
+from pipeline import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"unknown variant(s) {unknown} (known: {', '.join(v.slug for v in ALL)})\n")
     variants = tuple(v for v in ALL if not slugs or v.slug in slugs)
     try:
-        check_overrides_known(args.config, args.overrides)
-        results = run_ablations(args.config, args.overrides, variants)
+        check_overrides_known(args.overrides)
+        results = run_ablations(args.config, args.overrides, run_stage, variants)
     except ConfigError as e:
         p.exit(2, f"config error: {e}\n")
     except (StageError, FileNotFoundError) as e:

@@ -37,21 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lsvcr_dist.data.manifest import ManifestError
     from lsvcr_dist.schema import SchemaError
-    from lsvcr_dist.train.align_run import build_align_datasets, build_trainer, validate_prepared
-    from lsvcr_dist.train.checkpoint import find_latest_complete
+    from lsvcr_dist.train.align_run import run_align, validate_prepared
 
     try:
-        validate_prepared(cfg)  # fail in seconds, before any worker starts
+        validate_prepared(cfg)  # fail in seconds, before Ray starts (run_align checks again: shard footers only)
     except (FileNotFoundError, ManifestError, SchemaError, ValueError) as e:
         print(f"align: {e}", file=sys.stderr)
         return 1
     # 4 logical CPUs on a small box: 2 workers at 0.5 CPU + Ray Data read/transform tasks (cpu_stack_notes 2).
     init_ray(num_cpus=4)
-    resume = find_latest_complete(Path(cfg.run_dir) / "align") if cfg.checkpoint.resume else None
-    if resume:
-        print(f"align: resuming from {resume}")
     t0 = time.time()
-    result = build_trainer(cfg, build_align_datasets(cfg), str(resume) if resume else None).fit()
+    result = run_align(cfg, log=print)
     if result.error:
         print(f"align: training failed: {result.error}", file=sys.stderr)
         return 1

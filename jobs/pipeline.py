@@ -12,10 +12,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from _cli import DEFAULT_ENV, ROOT  # noqa: F401 - ROOT puts the checkout on sys.path
+from _cli import DEFAULT_ENV, ROOT
+
+from lsvcr_dist.stages import Stage
+
+JOBS = ROOT / "jobs"
+
+
+def run_stage(stage: Stage, argv: list[str]) -> int:
+    """The pipeline's stage runner: ``python jobs/<stage.job> argv...`` as its own process; returns its exit code.
+
+    Output streams through. One process per stage gives each job its own Ray cluster and memory, exactly as a user
+    running the stages by hand would.
+    """
+    return subprocess.call([sys.executable, str(JOBS / stage.job), *argv])
 
 
 def results_lines(run_dir: Path) -> list[str]:
@@ -47,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from lsvcr_dist.stages import StageError, run_pipeline
 
     try:
-        check_overrides_known(args.config, args.overrides)
+        check_overrides_known(args.overrides)
         run_dir = Path(load_config(args.config, "evaluate", [o for o in args.overrides
                                                               if o.startswith("run_dir=")]).run_dir)
-        run_pipeline(args.config, args.overrides)
+        run_pipeline(args.config, args.overrides, run_stage)
     except ConfigError as e:
         p.exit(2, f"config error: {e}\n")
     except StageError as e:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsvcr_dist.stages import STAGES, Stage, run_pipeline
+from lsvcr_dist.config import load_config
+from lsvcr_dist.stages import STAGES, Runner, Stage, run_pipeline
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,12 @@ def link_shared(main: Path, sub: Path, variant: Variant) -> None:
             os.symlink(src, dst, target_is_directory=True)
 
 
-def run_ablations(config: str | Path, overrides: list[str], variants: tuple[Variant, ...] = ALL,
-                  runner: Callable | None = None, log: Callable[[str], None] = print) -> dict:
-    """Main pipeline, then every variant; returns ``{variant name: metrics.json content}`` ("LSVCR" = main run)."""
-    from lsvcr_dist.config import load_config
+def run_ablations(config: str | Path, overrides: list[str], runner: Runner, variants: tuple[Variant, ...] = ALL,
+                  log: Callable[[str], None] = print) -> dict:
+    """Main pipeline, then every variant; returns ``{variant name: metrics.json content}`` ("LSVCR" = main run).
 
+    ``runner`` runs one stage's job (see ``stages.run_pipeline``).
+    """
     main = Path(load_config(config, "evaluate", overrides).run_dir).resolve()
     base = [o for o in overrides if not o.startswith("run_dir=")]
     run_pipeline(config, [*base, f"run_dir={main}"], runner=runner, log=log)

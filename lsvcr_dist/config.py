@@ -16,10 +16,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-
 
 from lsvcr_dist.config_blocks import (  # noqa: F401 - re-exported: the one import path for every config class
     CheckpointConfig,
@@ -33,6 +32,10 @@ from lsvcr_dist.config_blocks import (  # noqa: F401 - re-exported: the one impo
     OptimConfig,
     ScalingConfig,
     SRConfig,
+    at_least,
+    check_choices,
+    not_empty,
+    probability,
 )
 
 
@@ -46,9 +49,9 @@ class GenerateConfig:
     seed: int = 2024
     """Generator seed (same seed, same bytes)."""
     num_users: int = 200
-    """Users."""
+    """Users (dense ids 1..num_users); each gets train, validation and test days of interactions."""
     num_videos: int = 400
-    """Videos."""
+    """Videos (dense ids 1..num_videos), each with a title drawn from its topic's word list."""
     num_comments: int = 4000
     """Comments (all videos together)."""
     num_video_inter: int = 6000
@@ -56,7 +59,8 @@ class GenerateConfig:
     num_comment_inter: int = 1500
     """Comment interactions (like/reply), each a record of 1..k comments under one video."""
     num_topics: int = 16
-    """Latent interest topics."""
+    """Latent interest topics: each video has a primary topic, each user a mix; titles and comments use the topic's
+    words, so the logs carry a signal a recommender can learn."""
     days: int = 8
     """Days of logs (the last two become validation and test)."""
     start_date: str = "2023-10-24"
@@ -65,22 +69,15 @@ class GenerateConfig:
     """Rows per raw Parquet shard; large tables are written shard by shard."""
 
     def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise ConfigError for sizes the generator cannot honour exactly (named keys)."""
-        problems = [f"generate.{k} must be >= 1, got {getattr(self, k)}" for k in (
-            "num_users", "num_videos", "num_comments", "num_video_inter", "num_comment_inter", "num_topics",
-            "shard_rows") if getattr(self, k) < 1]
-        if self.days < 3:
-            problems.append(f"generate.days must be >= 3 (train, validation, test days), got {self.days}")
+        """Refuse sizes the generator cannot honour exactly."""
+        at_least(self, 1, "num_users", "num_videos", "num_comments", "num_video_inter", "num_comment_inter",
+                 "num_topics", "shard_rows")
+        at_least(self, 3, "days")  # a train, a validation and a test day
         if self.num_video_inter < 4 * self.num_users:  # 2 train-day + 1 val-day + 1 test-day interaction per user
-            problems.append(f"generate.num_video_inter={self.num_video_inter} < 4 * num_users = "
-                            f"{4 * self.num_users} (every user needs train, val and test days)")
+            raise ConfigError(f"generate.num_video_inter={self.num_video_inter} < 4 * num_users = "
+                              f"{4 * self.num_users} (every user needs train, val and test days)")
         if self.num_videos < self.num_topics:
-            problems.append(f"generate.num_videos={self.num_videos} < num_topics={self.num_topics}")
-        if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError(f"generate.num_videos={self.num_videos} < num_topics={self.num_topics}")
 
 
 @dataclass
@@ -105,8 +102,9 @@ class PrepareConfig:
     """Video candidates per evaluation instance: target + 99 sampled (4.1.3)."""
     num_comment_candidates: int = 100
     """Comment candidates per evaluation instance (4.1.3)."""
-    comment_pad: str = "negatives"
-    """Fewer comments than candidates: ``negatives`` pads with sampled comments of other videos, ``mask`` keeps all and masks the rest (the paper)."""
+    comment_pad: Literal["negatives", "mask"] = "negatives"
+    """Fewer comments than candidates: ``negatives`` pads with sampled comments of other videos, ``mask`` keeps all
+    and masks the rest (the paper)."""
     train_comment_negatives: int = 19
     """In-video negatives per comment-task training instance (public code: 19)."""
     val_days: int = 1
@@ -115,12 +113,23 @@ class PrepareConfig:
     """Last days used for test."""
     shard_rows: int = 2000
     """Rows per output shard."""
-    formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"])
+    formats: list[Literal["parquet", "webdataset"]] = field(default_factory=lambda: ["parquet", "webdataset"])
     """Output formats written side by side."""
     num_partitions: int = 0
     """Ray Data shuffle partitions of the per-user group-by; 0 = one per 250k interactions (at least 2)."""
     unseen_user_frac: float = 0.0
     """Users held out of train/val (seeded per user); their test rows are the 4.4.2 unseen-users subset."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        not_empty(self, "formats")
+        at_least(self, 1, "align_hist_len", "finetune_hist_len", "max_comments_per_record", "popular_comments",
+                 "num_video_candidates", "num_comment_candidates", "test_days", "shard_rows")
+        at_least(self, 0, "train_comment_negatives", "val_days", "num_partitions")
+        probability(self, "unseen_user_frac", below_one=True)
+        if self.align_hist_len > self.finetune_hist_len:
+            raise ConfigError(f"prepare.align_hist_len={self.align_hist_len} must be <= finetune_hist_len="
+                              f"{self.finetune_hist_len} (alignment reads a suffix of the fine-tune history)")
 
 
 @dataclass
@@ -130,25 +139,30 @@ class EncodeConfig:
     run_dir: str = "runs/tiny"
     """Root; writes ``run_dir/embeddings/<which>``."""
     seed: int = 2024
-    """Seed."""
+    """Seed of the tiny GLM's random weights (the same seed as alignment gives the same base model)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
-    """Backbone."""
+    """Backbone that encodes every text as LLM(t) (Eq. 1-2); must be the one alignment trained."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA shape (must match the adapter loaded for ``aligned``)."""
     sr: SRConfig = field(default_factory=SRConfig)
     """SR shape (its text MLP projects aligned vectors)."""
-    which: str = "base"
+    which: Literal["base", "aligned"] = "base"
     """``base`` (LLM before alignment, hidden-size vectors) or ``aligned`` (base + aligned LoRA + text MLP)."""
     adapter_dir: str = ""
-    """Aligned ``final`` folder (holds ``adapter/`` and ``sr.safetensors``) for ``aligned``; empty = ``run_dir/align/final``."""
+    """Aligned ``final`` folder (holds ``adapter/`` and ``sr.safetensors``) for ``aligned``; empty =
+    ``run_dir/align/final``."""
     batch_size: int = 64
     """Texts per inference batch."""
     num_actors: int = 1
     """Actor-pool size (one GPU each when GPUs exist)."""
     shard_rows: int = 100_000
     """Rows per store shard."""
-    dtype: str = "fp16"
-    """Stored dtype (fp16)."""
+    dtype: Literal["fp16", "float16"] = "fp16"
+    """Stored dtype: the store holds fp16 vectors only."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        at_least(self, 1, "batch_size", "num_actors", "shard_rows")
 
 
 @dataclass
@@ -160,32 +174,32 @@ class AlignStageConfig:
     seed: int = 2024
     """Seed of model init, dropout, ComDiv and randomized positions."""
     llm: LLMConfig = field(default_factory=LLMConfig)
-    """Backbone."""
+    """Backbone of the LLM recommender (frozen; LoRA trains) and, for ``text_source=online``, the text encoder."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """LoRA."""
+    """Adapters on the backbone: the only LLM weights alignment changes."""
     sr: SRConfig = field(default_factory=SRConfig)
-    """SR model."""
+    """SR model trained jointly with the LLM recommender (its weights seed fine-tune)."""
     loss: LossConfig = field(default_factory=LossConfig)
-    """Loss weights and ablations."""
+    """Weights of L_ALI (Eq. 16) and the Table 4 loss ablations."""
     comdiv: ComDivConfig = field(default_factory=ComDivConfig)
-    """Comment diversification."""
+    """Comment diversification of the histories (Section 3.3.1)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer."""
+    """AdamW over LoRA, the preference head and the SR model, with its LR schedule over ``max_steps``."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    """Workers."""
+    """Ray Train workers (data parallel; the contrastive pool is every worker's micro-batch)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    """Engine."""
+    """ZeRO stage, precision and micro batch of the DeepSpeed engine."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpoints."""
+    """Checkpoint cadence, retention, resume and restarts after a worker failure."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
-    """Streaming."""
+    """How train shards stream into the workers (format, shuffle, prefetch, ComDiv draws)."""
     global_batch: int = 128
     """Samples per optimizer step over all workers (paper: 128)."""
     max_steps: int = 5000
     """Optimizer steps (paper: 5000)."""
     log_every: int = 1
-    """Steps between metric lines."""
-    text_source: str = "online"
+    """Optimizer steps between lines of ``run_dir/align/metrics.jsonl`` (a checkpoint step always logs)."""
+    text_source: Literal["online", "store"] = "online"
     """SR text features: ``online`` (LoRA LLM with gradients, the public code) or ``store`` (frozen embedding store)."""
     rand_pos: bool = True
     """Randomized positional encoding (3.1.2); Table 4 'w/o RandPosi' when False."""
@@ -199,27 +213,34 @@ class AlignStageConfig:
     """Wall-clock limit of the fit; a hung collective fails instead of hanging forever."""
 
     def __post_init__(self) -> None:
-        per_step = self.deepspeed.micro_batch * self.scaling.num_workers
-        if self.global_batch % per_step:
-            raise ConfigError(
-                f"global_batch={self.global_batch} is not divisible by deepspeed.micro_batch * scaling.num_workers"
-                f" = {self.deepspeed.micro_batch} * {self.scaling.num_workers}"
-            )
-        if self.text_source not in ("online", "store"):
-            raise ConfigError(f"text_source must be 'online' or 'store', got {self.text_source!r}")
-        for name, prec in (("deepspeed.precision", self.deepspeed.precision), ("llm.dtype", self.llm.dtype)):
-            if prec not in ("auto", "bf16", "fp32"):
-                raise ConfigError(f"{name} must be auto, bf16 or fp32 (fp16 is not supported), got {prec!r}")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
-        if self.ingest.epoch_draws < 1:
-            raise ConfigError(f"ingest.epoch_draws must be >= 1, got {self.ingest.epoch_draws}")
-        if self.text_bucket < 0:
-            raise ConfigError(f"text_bucket must be >= 0 (0 = one batch), got {self.text_bucket}")
+        check_choices(self)
+        at_least(self, 1, "global_batch", "max_steps", "log_every", "timeout_s")
+        at_least(self, 0, "text_bucket")
+        self.grad_accum_steps()
 
-    def grad_accum_steps(self) -> int:
-        """Micro-batches accumulated per optimizer step on each worker."""
-        return self.global_batch // (self.deepspeed.micro_batch * self.scaling.num_workers)
+    def grad_accum_steps(self, world_size: int | None = None) -> int:
+        """Micro-batches each worker accumulates per optimizer step: ``global_batch / (micro_batch * world_size)``.
+
+        The one home of the batch-split rule: the config checks it for ``scaling.num_workers`` when built, and the
+        engine (``train.engine.build_ds_config``) for the world that actually runs.
+
+        Args:
+            world_size: data-parallel workers; None = ``scaling.num_workers``.
+
+        Raises:
+            ConfigError: ``world_size < 1``, a global batch not divisible by ``micro_batch * world_size``, or a
+                ZeRO++ hpZ group size that does not divide ``world_size``.
+        """
+        world = self.scaling.num_workers if world_size is None else world_size
+        ds = self.deepspeed
+        if world < 1:
+            raise ConfigError(f"world_size must be >= 1, got {world}")
+        if self.global_batch % (ds.micro_batch * world):
+            raise ConfigError(f"global_batch={self.global_batch} is not divisible by deepspeed.micro_batch *"
+                              f" world_size = {ds.micro_batch} * {world}")
+        if world % ds.hpz_partition_size:
+            raise ConfigError(f"deepspeed.hpz_partition_size={ds.hpz_partition_size} must divide world_size={world}")
+        return self.global_batch // (ds.micro_batch * world)
 
 
 @dataclass
@@ -229,35 +250,52 @@ class FinetuneStageConfig:
     run_dir: str = "runs/tiny"
     """Root; reads ``run_dir/align`` and the aligned store, writes ``run_dir/finetune``."""
     seed: int = 2024
-    """Seed."""
+    """Seed of model init (same on every worker), the L_REG negatives and the popular-comment draws."""
     sr: SRConfig = field(default_factory=SRConfig)
     """SR model (must match the aligned weights)."""
     loss: LossConfig = field(default_factory=LossConfig)
-    """eta and L_REG switches."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_ratio=0.0, schedule="constant", grad_clip=0.0))
+    """Fine-tune reads ``tau``, ``eta`` and ``use_reg``/``reg_negatives`` (L_FT, Eq. 17-19); the alignment weights are
+    ignored here."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_ratio=0.0,
+                                                                   schedule="constant", grad_clip=0.0))
     """Optimizer (public code: AdamW 1e-3, wd 1e-5, constant)."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    """Workers (plain DDP)."""
+    """Workers (plain DDP: the SR model is small, every worker holds all of it)."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
-    """Streaming."""
-    tasks: list[str] = field(default_factory=lambda: ["video", "comment"])
+    """How the task's train rows stream into the workers (format, shuffle, prefetch)."""
+    tasks: list[Literal["video", "comment"]] = field(default_factory=lambda: ["video", "comment"])
     """Tasks fine-tuned (one model per task, as the public code)."""
-    init: str = "align"
+    init: Literal["align", "scratch"] = "align"
     """``align`` loads the aligned SR weights; ``scratch`` is Table 4 'w/o Alignment'."""
     use_id: bool = True
     """Video ID embeddings (3.4.1); False for the unseen-video setting (4.4.2)."""
-    position_extension: str = "mean"
+    position_extension: Literal["mean", "random"] = "mean"
     """Rows of P beyond the aligned table: ``mean`` fill (public code) or ``random`` ('w/o RandPosi')."""
-    model: str = "lsvcr"
+    model: Literal["lsvcr", "sasrec", "dssm"] = "lsvcr"
     """``lsvcr`` (the SR model), or a baseline in the same harness: ``sasrec`` (IDs, video), ``dssm`` (comment)."""
     batch_size: int = 512
-    """Global batch."""
+    """Global batch: each of the ``scaling.num_workers`` workers takes ``batch_size // num_workers`` rows."""
     max_epochs: int = 50
-    """Epoch limit."""
+    """Epochs at most; early stopping (``patience``) usually ends sooner."""
     patience: int = 5
     """Early stop after this many evaluations without a better validation NDCG@10."""
     timeout_s: int = 3600
     """Wall-clock limit of the fit."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        not_empty(self, "tasks")
+        at_least(self, 1, "max_epochs", "patience", "timeout_s")
+        if self.batch_size < self.scaling.num_workers:  # each worker takes batch_size // num_workers rows
+            raise ConfigError(f"must be >= scaling.num_workers = {self.scaling.num_workers} (a row per worker), got"
+                              f" {self.batch_size}", "batch_size")
+        if self.model != "lsvcr" and self.init != "scratch":
+            raise ConfigError(f"finetune.model={self.model} is a baseline: set finetune.init=scratch (it reads the"
+                              " base store)")
+        if self.optim.schedule != "constant" or self.optim.warmup_ratio > 0:
+            raise ConfigError("finetune.optim: only a constant learning rate without warm-up is implemented (the"
+                              f" public code's); got schedule={self.optim.schedule!r}, warmup_ratio="
+                              f"{self.optim.warmup_ratio}")
 
 
 @dataclass
@@ -267,15 +305,21 @@ class EvalConfig:
     run_dir: str = "runs/tiny"
     """Root; reads ``run_dir/finetune`` and writes ``run_dir/eval``."""
     seed: int = 2024
-    """Seed (candidate sets are fixed at preparation)."""
+    """Unused by evaluation itself (candidate sets are fixed at preparation); kept so one preset serves all stages."""
     sr: SRConfig = field(default_factory=SRConfig)
-    """SR shape."""
+    """SR shape (the fine-tuned models record their own; this block is shared with the other stages)."""
     ks: list[int] = field(default_factory=lambda: [5, 10])
     """Cut-offs of Recall@K and NDCG@K."""
     full_ranking: bool = True
     """Also rank the target against every video."""
     batch_size: int = 256
-    """Evaluation batch."""
+    """Test rows scored per forward pass."""
+
+    def __post_init__(self) -> None:
+        not_empty(self, "ks")
+        at_least(self, 1, "batch_size")
+        if min(self.ks) < 1:
+            raise ConfigError(f"must be >= 1 each, got {self.ks}", "ks")
 
 
 STAGES: dict[str, type] = {
@@ -305,6 +349,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         return value
+    if origin is Literal:  # coerced to the choices' type here; which choice is allowed is checked where declared
+        return _coerce(value, type(typing.get_args(tp)[0]), key)
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -342,7 +388,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__} (known: {', '.join(sorted(names))})"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a field rule of __post_init__: name the key as the user wrote it
+        raise e.under(prefix) from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -366,21 +415,45 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` strings; values are YAML scalars (``3e-4``, ``true``, ``[a, b]``)."""
+    """Parse ``key.sub=value`` strings; values are YAML scalars (``3e-4``, ``true``, ``[a, b]``).
+
+    Raises:
+        ConfigError: an item without ``=``, or a value that is not YAML (both name the override).
+    """
     out = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
         out.append((key.strip(), value))
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (line, column are 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a preset; top-level keys must be stage names or shared blocks of some stage."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    """Read a preset; top-level keys must be stage names or shared blocks of some stage.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not YAML, is not a mapping, or has an unknown top-level
+            key (each names the file).
+    """
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     shared = {f.name for cls in STAGES.values() for f in dataclasses.fields(cls)}
@@ -424,54 +497,71 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] | None
         path: preset YAML, or None for the dataclass defaults.
         stage: one of ``STAGES``.
         overrides: ``key=value`` strings relative to the stage (``max_steps=3``), or prefixed with a stage name
-            (``align.max_steps=3``), which applies only to that stage.
+            (``align.max_steps=3``), which applies only to that stage (``route_override``).
 
     Returns:
         The stage dataclass, its local paths (``LOCAL_PATH_FIELDS``) absolute.
 
     Raises:
-        ConfigError: unknown stage, unknown key (named), or a value of the wrong type.
+        ConfigError: unknown stage, missing or malformed file, unknown key (named), or a value of the wrong type or
+            out of its range (named).
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}' (known: {', '.join(STAGES)})")
     raw = read_yaml(path) if path else {}
     data = stage_dict(raw, stage)
     for key, value in parse_overrides(overrides or []):
-        head = key.split(".", 1)[0]
-        if head in STAGES and head not in {f.name for f in dataclasses.fields(STAGES[stage])}:
-            if head != stage:
-                continue
-            key = key.split(".", 1)[1]
-        _set_dotted(data, key, value)
+        target, rel = route_override(key)
+        if target in (None, stage):
+            _set_dotted(data, rel, value)
     return _absolute_paths(_build(STAGES[stage], data))
 
 
-def check_overrides_known(path: str | Path | None, overrides: list[str]) -> None:
-    """Raise ConfigError for an override that no stage accepts (used by the pipeline job)."""
-    for key, _ in parse_overrides(overrides):
-        head, _, rest = key.partition(".")
-        stages = [head] if head in STAGES else list(STAGES)
-        sub = rest if head in STAGES else key
-        ok = False
-        for st in stages:
-            try:
-                _probe(STAGES[st], sub)
-                ok = True
-            except ConfigError:
-                continue
-        if not ok:
-            raise ConfigError(f"unknown config key '{key}' (no stage has it)")
+# --------------------------------------------------------------------------------------------------- routing
+def route_override(key: str) -> tuple[str | None, str]:
+    """Where a dotted override goes: ``(stage, key relative to that stage)``, or ``(None, key)`` for every stage.
+
+    The one routing rule of the project: a key led by a stage name (``align.max_steps``) reaches that stage only;
+    any other key (``max_steps``, ``run_dir``) reaches whichever stage is being loaded. No stage dataclass has a
+    field named like a stage, so the two never clash.
+    """
+    head, _, rest = key.partition(".")
+    return (head, rest) if head in STAGES and rest else (None, key)
 
 
-def _probe(cls: type, dotted: str) -> None:
-    node = cls
+def has_key(cls: type, dotted: str) -> bool:
+    """Whether dataclass ``cls`` has the (nested) field ``dotted`` (``optim.lr``)."""
+    node: Any = cls
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(node):
-            raise ConfigError(dotted)
+            return False
         hints = typing.get_type_hints(node)
         if part not in hints:
-            raise ConfigError(dotted)
+            return False
         node = hints[part]
+    return True
+
+
+def overrides_for(stage: str, overrides: list[str]) -> list[str]:
+    """The overrides a stage's job accepts, for running one stage of a pipeline.
+
+    Stage-prefixed items are all kept (``load_config`` applies the stage's own and ignores the others'); an
+    unprefixed item is kept when the stage has its key, so ``max_epochs=3`` reaches fine-tune only.
+    """
+    out = []
+    for item, (key, _) in zip(overrides, parse_overrides(overrides)):
+        target, rel = route_override(key)
+        if target is not None or has_key(STAGES[stage], rel):
+            out.append(item)
+    return out
+
+
+def check_overrides_known(overrides: list[str]) -> None:
+    """Raise ConfigError for an override that no stage accepts (multi-stage jobs: pipeline, ablations)."""
+    for key, _ in parse_overrides(overrides):
+        target, rel = route_override(key)
+        if not any(has_key(STAGES[s], rel) for s in ([target] if target else STAGES)):
+            raise ConfigError(f"unknown config key '{key}' (no stage has it)")
 
 
 def to_dict(cfg: Any) -> dict:

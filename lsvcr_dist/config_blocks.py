@@ -1,15 +1,87 @@
 """Shared configuration blocks composed by the stage dataclasses of ``lsvcr_dist.config``.
 
 Each field has a type, a default and a one-line docstring; ``lsvcr_dist.config.load_config`` builds these from YAML
-and dotted overrides, and rejects unknown keys.
+and dotted overrides, and rejects unknown keys. Each block validates its own fields in ``__post_init__``, once, where
+they are declared: enumerations are ``Literal`` types (``check_choices``), sizes and rates have their bounds there.
+Code that receives a built config trusts it.
 """
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
+    """A config file, key or value is wrong; the message names the file or the dotted key.
+
+    Args:
+        message: what is wrong.
+        key: the field at fault, relative to the dataclass that raised (``lr``); the enclosing block prefixes its own
+            name on the way out (``ConfigError.under``), so a user reads ``optim.lr``.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        self.problem, self.key = message, key
+        super().__init__(f"config key '{key}' {message}" if key else message)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key seen from the enclosing block (``prefix`` = ``"optim."``)."""
+        return ConfigError(self.problem, prefix + self.key) if self.key else self
+
+
+# --------------------------------------------------------------------------------------------------- field rules
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_choices(obj: Any) -> None:
+    """Raise ConfigError for a ``Literal`` field (or a list of one) of dataclass ``obj`` holding another value."""
+    for name, tp in _hints(type(obj)).items():
+        value = getattr(obj, name)
+        if typing.get_origin(tp) is list:
+            (tp,) = typing.get_args(tp)
+            values = list(value)
+        else:
+            values = [value]
+        if typing.get_origin(tp) is not Literal:
+            continue
+        allowed = typing.get_args(tp)
+        for v in values:
+            if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool):
+                raise ConfigError(f"must be one of {', '.join(map(str, allowed))}, got {value!r}", name)
+
+
+def at_least(obj: Any, low: float, *names: str) -> None:
+    """Raise ConfigError unless every field in ``names`` is ``>= low``."""
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ConfigError(f"must be >= {low}, got {getattr(obj, name)}", name)
+
+
+def positive(obj: Any, *names: str) -> None:
+    """Raise ConfigError unless every field in ``names`` is ``> 0``."""
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ConfigError(f"must be > 0, got {getattr(obj, name)}", name)
+
+
+def probability(obj: Any, *names: str, below_one: bool = False) -> None:
+    """Raise ConfigError unless every field in ``names`` lies in ``[0, 1]`` (``[0, 1)`` with ``below_one``)."""
+    for name in names:
+        v = getattr(obj, name)
+        if not (0.0 <= v < 1.0 if below_one else 0.0 <= v <= 1.0):
+            raise ConfigError(f"must be in [0, {'1)' if below_one else '1]'}, got {v}", name)
+
+
+def not_empty(obj: Any, *names: str) -> None:
+    """Raise ConfigError when a list field in ``names`` is empty."""
+    for name in names:
+        if not getattr(obj, name):
+            raise ConfigError("must not be empty", name)
 
 
 # --------------------------------------------------------------------------------------------------- shared blocks
@@ -17,8 +89,8 @@ class ConfigError(ValueError):
 class LLMConfig:
     """The LLM recommender / text encoder backbone."""
 
-    kind: str = "tiny_glm"
-    """One of ``tiny_glm`` (random GLM built in code), ``hf`` (local HF folder), ``gguf`` (local GGUF file)."""
+    kind: Literal["tiny_glm", "hf", "gguf"] = "tiny_glm"
+    """``tiny_glm`` (random GLM built in code), ``hf`` (local HF folder) or ``gguf`` (local GGUF file)."""
     path: str = ""
     """Local folder (``hf``) or folder holding the GGUF file (``gguf``); empty for ``tiny_glm``."""
     gguf_file: str = ""
@@ -27,8 +99,8 @@ class LLMConfig:
     """Local tokenizer folder; empty = ``path`` for hf/gguf, the bundled tiny tokenizer for ``tiny_glm``."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint folder (ChatGLM3 needs it); off unless set."""
-    dtype: str = "auto"
-    """Parameter dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``; fp16 is refused."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Parameter dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``; fp16 is refused (no loss scaling)."""
     hidden_size: int = 64
     """tiny_glm: model width."""
     num_layers: int = 2
@@ -49,10 +121,16 @@ class LLMConfig:
     """Tokens kept of a title or comment when it is encoded as LLM(t) (Eq. 1-2)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (memory for compute)."""
-    attn_implementation: str = "sdpa"
-    """HF attention kernel: ``sdpa``, ``eager`` or ``flash_attention_2``."""
-    pooling: str = "mean"
-    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or ``last``."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """HF attention kernel."""
+    pooling: Literal["mean", "last"] = "mean"
+    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or the ``last`` real token."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        at_least(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "max_prompt_len",
+                 "max_target_len", "max_text_len")
+        at_least(self, 0, "vocab_size")
 
 
 @dataclass
@@ -60,15 +138,20 @@ class LoRAConfig:
     """PEFT LoRA applied from outside with ``peft.get_peft_model``."""
 
     r: int = 8
-    """Rank."""
+    """Rank of the low-rank update ``B A`` (``A [r, in]``, ``B [out, r]``)."""
     alpha: int = 32
-    """Scaling numerator (scale = alpha / r)."""
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
     dropout: float = 0.1
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch's input."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     )
     """Linear layers that get adapters (all linears of every block, as the public code)."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "r", "alpha")
+        probability(self, "dropout", below_one=True)
+        not_empty(self, "target_modules")
 
 
 @dataclass
@@ -80,7 +163,7 @@ class SRConfig:
     n_layers: int = 2
     """Transformer layers per history encoder (Eq. 4-5)."""
     n_heads: int = 2
-    """Attention heads."""
+    """Attention heads (must divide ``dim``)."""
     inner_size: int = 256
     """Feed-forward width."""
     dropout: float = 0.3
@@ -98,6 +181,10 @@ class SRConfig:
     rand_pos_per_sample: bool = False
     """Randomized positions drawn per sample (True) or once per micro-batch (public code, False)."""
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "dim", "n_layers", "n_heads", "inner_size", "max_position", "text_dim", "text_mlp_hidden")
+        probability(self, "dropout", below_one=True)
+
 
 @dataclass
 class LossConfig:
@@ -113,7 +200,7 @@ class LossConfig:
     """Table 4 'w/o L_SSC' when False."""
     use_vcc: bool = True
     """Table 4 'w/o L_VCC' when False."""
-    lm_reduction: str = "mean"
+    lm_reduction: Literal["mean", "sum"] = "mean"
     """L_LM over target tokens: ``mean`` (public code) or ``sum`` (paper Eq. 14)."""
     mask_duplicate_targets: bool = True
     """Mask in-batch negatives that share the positive's id instead of counting them."""
@@ -123,6 +210,12 @@ class LossConfig:
     """Table 4 'w/o L_REG' when False."""
     reg_negatives: int = 99
     """Sampled negatives per item in L_REG (Eq. 17)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        positive(self, "tau")
+        at_least(self, 0, "lam", "mu", "eta")
+        at_least(self, 1, "reg_negatives")
 
 
 @dataclass
@@ -134,17 +227,26 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam betas."""
+    """Adam betas ``[beta1, beta2]``, each in [0, 1)."""
     eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon (added to the second-moment root)."""
     warmup_ratio: float = 0.03
     """Fraction of steps of linear warm-up."""
-    schedule: str = "linear"
-    """Decay after warm-up: ``linear``, ``cosine`` or ``constant``."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warm-up: ``linear`` or ``cosine`` to 0 at the last step, or ``constant``."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
-    impl: str = "auto"
-    """AdamW kernel: ``fused`` (one kernel per step), ``foreach``, ``for_loop``; ``auto`` = fused on GPU, foreach on CPU."""
+    impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """AdamW kernel: ``fused`` (one kernel per step), ``foreach``, ``for_loop``; ``auto`` = fused on GPU, foreach on
+    CPU."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        positive(self, "lr", "eps")
+        at_least(self, 0, "weight_decay", "grad_clip")
+        probability(self, "warmup_ratio")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"must be two values in [0, 1), got {self.betas}", "betas")
 
 
 @dataclass
@@ -158,13 +260,17 @@ class ScalingConfig:
     cpus_per_worker: float = 0.5
     """Logical CPUs reserved per worker (below 1 on a 2-core box leaves Ray Data room)."""
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "num_workers")
+        at_least(self, 0, "cpus_per_worker")
+
 
 @dataclass
 class IngestConfig:
     """Streaming of prepared shards into the workers."""
 
-    format: str = "parquet"
-    """Shard format read: ``parquet`` or ``webdataset``."""
+    format: Literal["parquet", "webdataset"] = "parquet"
+    """Shard format read (both hold the same rows; preparation writes the ones in ``prepare.formats``)."""
     shuffle_seed: int = 0
     """Base seed of the per-epoch shuffle; epoch e uses ``shuffle_seed + e``."""
     local_shuffle_buffer: int = 0
@@ -174,15 +280,20 @@ class IngestConfig:
     epoch_draws: int = 1
     """Distinct ComDiv/popular-comment draws: epoch e streams draw ``e % epoch_draws`` (one dataset per draw)."""
 
+    def __post_init__(self) -> None:
+        check_choices(self)
+        at_least(self, 0, "shuffle_seed", "local_shuffle_buffer", "prefetch_batches")
+        at_least(self, 1, "epoch_draws")
+
 
 @dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine config derived per run (``train/engine.py``)."""
 
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 2 (default, LoRA moves megabytes) or 3 (shards the frozen base too)."""
-    precision: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``; fp16 is refused."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``; fp16 is refused (no dynamic loss scaling here)."""
     micro_batch: int = 2
     """Per-worker micro batch; gradient accumulation = global_batch / (micro_batch * workers)."""
     hpz_partition_size: int = 1
@@ -191,6 +302,13 @@ class DeepSpeedConfig:
     """Overlap gradient reduction with backward."""
     offload_optimizer: bool = False
     """Keep optimizer state on CPU."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        at_least(self, 1, "micro_batch", "hpz_partition_size")
+        if self.hpz_partition_size > 1 and self.zero_stage != 3:
+            raise ConfigError(f"> 1 needs zero_stage=3 (hpZ is ZeRO++), got {self.hpz_partition_size} with zero_stage="
+                              f"{self.zero_stage}", "hpz_partition_size")
 
 
 @dataclass
@@ -204,7 +322,12 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the latest complete checkpoint of this run if there is one."""
     max_failures: int = 1
-    """Worker-group restarts after a crash (Ray ``FailureConfig.max_failures``), each resuming the last checkpoint."""
+    """Worker-group restarts after a crash (Ray ``FailureConfig.max_failures``, -1 = unlimited), each resuming the
+    last checkpoint."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "every_steps", "keep_last")
+        at_least(self, -1, "max_failures")
 
 
 @dataclass
@@ -223,3 +346,7 @@ class ComDivConfig:
     """Within such a sample, probability each comment record is mixed with virtual comments."""
     record_comments: int = 3
     """User comments kept per comment record in the alignment prompt/SR input (public code samples 3); 0 = all K."""
+
+    def __post_init__(self) -> None:
+        probability(self, "video_sample_p", "video_item_p", "comment_sample_p", "comment_record_p")
+        at_least(self, 0, "record_comments")

@@ -135,17 +135,12 @@ def _encoder_kwargs(cfg) -> tuple[dict, dict]:
 
 
 def _counts(data_dir: str) -> tuple[int, int]:
-    from lsvcr_dist.data.ft_transforms import read_dims
+    from lsvcr_dist.data.manifest import read_dims
 
     dims = read_dims(data_dir)
     if dims["num_videos"] + dims["num_comments"] == 0:
         raise ValueError(f"{data_dir}/manifest.json: no videos and no comments to encode")
     return dims["num_videos"], dims["num_comments"]
-
-
-def _check_dtype(cfg) -> None:
-    if cfg.dtype not in ("fp16", "float16"):
-        raise ValueError(f"encode.dtype={cfg.dtype!r}: the store is fp16 only")
 
 
 def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
@@ -167,7 +162,6 @@ def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
 
 def encode_texts_local(cfg, log=print) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
-    _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     enc = TextEncoder(**kw)
@@ -193,7 +187,6 @@ def encode_texts(cfg, log=print) -> dict:
     """
     import ray
 
-    _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     res = ray.cluster_resources()

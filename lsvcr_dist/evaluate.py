@@ -172,7 +172,7 @@ def evaluate_run(cfg, export: bool = True) -> dict:
     Raises:
         FileNotFoundError: no fine-tuned model at all (names the folder).
     """
-    from lsvcr_dist.train.ft_setup import load_finetuned
+    from lsvcr_dist.finetuned import load_finetuned
 
     run_dir = Path(cfg.run_dir)
     data_dir = run_dir / "data"

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsvcr_dist.data.ft_transforms import load_popular_comments, read_dims
+from lsvcr_dist.data.manifest import read_dims
+from lsvcr_dist.data.tables import load_popular_comments
 from lsvcr_dist.models.export import load_scorer
 from lsvcr_dist.schema import text_id_of_comment
 

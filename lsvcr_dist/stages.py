@@ -1,5 +1,6 @@
 """Pipeline stages with completion markers: generate -> prepare -> encode(base) -> align -> encode(aligned) ->
-fine-tune -> evaluate, each run as its own job process, skipped only when its output is complete AND valid.
+fine-tune -> evaluate, each run by a runner the caller hands in (``jobs/pipeline.py`` runs each stage's job script
+as its own process), skipped only when its output is complete AND valid.
 
 A stage is complete when ``run_dir/.pipeline/<stage>.json`` (written LAST, after the job succeeded and its outputs
 were checked) holds the stage's config hash and the output check still passes. The hash covers the stage's resolved
@@ -11,17 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsvcr_dist.config import STAGES as CONFIG_STAGES
-from lsvcr_dist.config import ConfigError, _probe, load_config, parse_overrides, to_dict
+from lsvcr_dist.config import load_config, overrides_for, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
 MARKER_DIR = ".pipeline"
 
 
@@ -107,13 +104,22 @@ def check_evaluate(run_dir: Path, cfgs: dict) -> str | None:
 
 @dataclass
 class Stage:
-    """One pipeline stage: the job script, the config section hashed, extra overrides, and an output check."""
+    """One pipeline stage: the job that runs it, the config section hashed, extra overrides, and an output check."""
 
     name: str
+    """Marker name (``run_dir/.pipeline/<name>.json``); two stages may share a job (``encode_base``/``_aligned``)."""
     job: str
+    """File name of the job script under ``jobs/`` that the runner starts (``align.py``)."""
     section: str
+    """Config stage whose resolved dataclass is hashed (``config.STAGES`` key)."""
     check: Callable[[Path, dict], str | None]
+    """``check(run_dir, cfgs)``: None when the outputs are complete, else what is missing."""
     extra: list[str] = field(default_factory=list)
+    """Overrides this stage always adds (``encode.which=aligned``)."""
+
+
+Runner = Callable[[Stage, list[str]], int]
+"""``runner(stage, argv) -> exit code``: runs ``stage``'s job with ``argv`` (``--config FILE`` + overrides)."""
 
 
 STAGES = [
@@ -127,26 +133,9 @@ STAGES = [
 ]
 
 
-def stage_overrides(section: str, overrides: list[str]) -> list[str]:
-    """The overrides a stage's job accepts: prefixed ones (its own are applied, other stages' ignored by
-    ``load_config``) and unprefixed keys that this stage's dataclass has (``max_epochs=3`` reaches fine-tune only)."""
-    out = []
-    for item, (key, _) in zip(overrides, parse_overrides(overrides)):
-        head = key.split(".", 1)[0]
-        if head in CONFIG_STAGES:
-            out.append(item)
-            continue
-        try:
-            _probe(CONFIG_STAGES[section], key)
-        except ConfigError:
-            continue
-        out.append(item)
-    return out
-
-
 def stage_hash(config: str | Path | None, stage: Stage, overrides: list[str], upstream: str) -> str:
     """sha256 of the stage's resolved config (+ extra overrides) chained with the upstream stage's hash."""
-    cfg = load_config(config, stage.section, stage_overrides(stage.section, overrides) + stage.extra)
+    cfg = load_config(config, stage.section, overrides_for(stage.section, overrides) + stage.extra)
     blob = json.dumps({"stage": stage.name, "cfg": to_dict(cfg), "up": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -171,12 +160,7 @@ def is_done(run_dir: Path, stage: Stage, digest: str, cfgs: dict) -> tuple[bool,
     return (False, f"output incomplete: {problem}") if problem else (True, "complete")
 
 
-def subprocess_runner(stage: Stage, argv: list[str]) -> int:
-    """Run ``python jobs/<job> argv...`` and return its exit code (output streams through)."""
-    return subprocess.call([sys.executable, str(ROOT / "jobs" / stage.job), *argv])
-
-
-def select_stages(cfgs: dict, config: str | Path | None = None) -> list[Stage]:
+def select_stages(cfgs: dict) -> list[Stage]:
     """Stages this configuration needs: no alignment stages for 'w/o Alignment' (``finetune.init=scratch``) and no
     generation when ``prepare.raw_dir`` points at imported logs."""
     out = []
@@ -189,14 +173,14 @@ def select_stages(cfgs: dict, config: str | Path | None = None) -> list[Stage]:
     return out
 
 
-def run_pipeline(config: str | Path, overrides: list[str], runner: Callable[[Stage, list[str]], int] | None = None,
-                 stages: list[Stage] | None = None, log: Callable[[str], None] = print) -> list[tuple[str, str]]:
+def run_pipeline(config: str | Path, overrides: list[str], runner: Runner, stages: list[Stage] | None = None,
+                 log: Callable[[str], None] = print) -> list[tuple[str, str]]:
     """Run (or skip) every stage in order.
 
     Args:
         config: preset YAML.
         overrides: dotted overrides applied to every stage (``run_dir=...`` included).
-        runner: ``runner(stage, argv) -> exit code``; default runs the job script as a subprocess.
+        runner: runs one stage's job (``jobs/pipeline.py: run_stage`` starts its script as a subprocess).
         stages: stage list (default: ``select_stages``).
         log: progress printer.
 
@@ -206,7 +190,6 @@ def run_pipeline(config: str | Path, overrides: list[str], runner: Callable[[Sta
     Raises:
         StageError: a job exited non-zero or left outputs that fail the stage check.
     """
-    runner = runner or subprocess_runner
     cfgs = {s: load_config(config, s, overrides) for s in ("generate", "prepare", "finetune", "evaluate")}
     run_dir = Path(cfgs["finetune"].run_dir)
     stages = stages if stages is not None else select_stages(cfgs)
@@ -224,7 +207,7 @@ def run_pipeline(config: str | Path, overrides: list[str], runner: Callable[[Sta
         if mk.exists():
             mk.unlink()  # a failed rerun must not leave the old marker claiming completion
         t0 = time.time()
-        rc = runner(st, ["--config", str(config), *stage_overrides(st.section, overrides), *st.extra])
+        rc = runner(st, ["--config", str(config), *overrides_for(st.section, overrides), *st.extra])
         if rc != 0:
             raise StageError(f"stage '{st.name}' (jobs/{st.job}) failed with exit code {rc}")
         problem = st.check(run_dir, cfgs)

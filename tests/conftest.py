@@ -22,6 +22,7 @@ for k, v in {
 }.items():
     os.environ.setdefault(k, v)
 sys.path.insert(0, str(ROOT / "jobs"))
+sys.path.insert(1, str(ROOT))  # `benchmarks` is a package of the checkout, not of the installed library
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.align_bench import SECTIONS, full_vocab_forward, summarize
 from lsvcr_dist.config import LLMConfig, LoRAConfig
 from lsvcr_dist.models.align_model import TextInputs
-from lsvcr_dist.train.bench import SECTIONS, full_vocab_forward, summarize, trim_prompts, trim_text
+from lsvcr_dist.train.align_step import trim_prompts, trim_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent / "train"))
 import _ft_fakes as F  # noqa: E402
 
 from lsvcr_dist.evaluate import iter_split  # noqa: E402
+from lsvcr_dist.finetuned import build_finetune_model  # noqa: E402
 from lsvcr_dist.models.export import example_inputs, export_scorer, load_scorer  # noqa: E402
-from lsvcr_dist.train.ft_setup import build_finetune_model  # noqa: E402
 
 
 @pytest.mark.parametrize("task,kind", [("video", "lsvcr"), ("comment", "lsvcr"), ("video", "sasrec"),
@@ -21,7 +21,7 @@ from lsvcr_dist.train.ft_setup import build_finetune_model  # noqa: E402
 def test_exported_scores_equal_pytorch(tmp_path, task, kind):
     """LSVCR for both tasks and the two baselines (SASRec has no comment tower, DSSM no video tower)."""
     F.make_prepared(tmp_path)
-    cfg = F.ft_config(tmp_path, model=kind)
+    cfg = F.ft_config(tmp_path, model=kind, init="align" if kind == "lsvcr" else "scratch")  # baselines: scratch
     F.write_aligned(tmp_path, cfg)
     torch.manual_seed(0)
     model, _ = build_finetune_model(cfg, task, num_videos=F.V, text_table=F.text_table(),

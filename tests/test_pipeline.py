@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lsvcr_dist.config import load_config
-from lsvcr_dist.stages import (
-    Stage, StageError, is_done, marker_path, run_pipeline, select_stages, stage_hash, stage_overrides)
+from lsvcr_dist.config import load_config, overrides_for
+from lsvcr_dist.stages import Stage, StageError, is_done, marker_path, run_pipeline, select_stages, stage_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -113,8 +112,22 @@ def test_stage_selection_and_override_routing(tmp_path):
     assert "align" not in [s.name for s in select_stages(scratch)]
     imported = {**base, "prepare": load_config(TINY, "prepare", ["raw_dir=/x"])}
     assert [s.name for s in select_stages(imported)][0] == "prepare"
-    assert stage_overrides("generate", ["run_dir=x", "max_epochs=3", "finetune.patience=1", "num_users=5"]) == [
+    assert overrides_for("generate", ["run_dir=x", "max_epochs=3", "finetune.patience=1", "num_users=5"]) == [
         "run_dir=x", "finetune.patience=1", "num_users=5"]
+
+
+def test_jobs_runner_runs_each_stage_as_its_job_script(tmp_path):
+    """The library knows no path into jobs/: jobs/pipeline.py hands run_pipeline its runner, which starts the
+    stage's job script as its own process (here the real generate stage, then a skip on the second run)."""
+    import pipeline as job  # jobs/pipeline.py
+    from lsvcr_dist.stages import STAGES as PIPELINE_STAGES
+
+    gen = [s for s in PIPELINE_STAGES if s.name == "generate"]
+    args = (TINY, [f"run_dir={tmp_path}", "generate.num_users=50", "generate.num_video_inter=400"])
+    assert run_pipeline(*args, runner=job.run_stage, stages=gen, log=lambda s: None) == [("generate", "ran")]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["comment_inter", "comments", "video_inter",
+                                                                     "videos"]
+    assert run_pipeline(*args, runner=job.run_stage, stages=gen, log=lambda s: None) == [("generate", "skipped")]
 
 
 # ------------------------------------------------------------------------------------------ ablations harness

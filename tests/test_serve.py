@@ -14,8 +14,8 @@ import _ft_fakes as F  # noqa: E402
 
 from lsvcr_dist.config import EvalConfig  # noqa: E402
 from lsvcr_dist.evaluate import evaluate_run, iter_split  # noqa: E402
+from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best  # noqa: E402
 from lsvcr_dist.serve import Recommender, time_requests  # noqa: E402
-from lsvcr_dist.train.ft_setup import build_finetune_model, load_text_table, save_best  # noqa: E402
 
 
 @pytest.fixture()

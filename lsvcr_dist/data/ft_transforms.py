@@ -15,74 +15,15 @@ Randomness is reproducible per row and independent of batch composition: a gener
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lsvcr_dist import schema
-from lsvcr_dist.data.manifest import dims_of, read_manifest
+from lsvcr_dist.data.history import keep_recent
+from lsvcr_dist.data.manifest import read_dims
+from lsvcr_dist.data.tables import load_popular_comments
 
 OUT_KEYS = tuple(schema.FINETUNE_BATCH)
-
-
-def load_popular_comments(data_dir: str | Path, num_videos: int) -> np.ndarray:
-    """Popular comments of every video from ``data/tables/videos.parquet``.
-
-    Args:
-        data_dir: prepared data folder (``run_dir/data``).
-        num_videos: V from the manifest.
-
-    Returns:
-        ``[V + 1, P]`` int64, row v = comment ids of video v by popularity (0-padded); row 0 is all zeros.
-
-    Raises:
-        FileNotFoundError / schema.SchemaError: naming the table file.
-    """
-    path = Path(data_dir) / "tables" / "videos.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: video table missing (run prepare_data first)")
-    table = pq.read_table(path, columns=["video_id", "popular_comments"])
-    ids = table.column("video_id").to_numpy()
-    if ids.size and (ids.min() < 1 or ids.max() > num_videos):
-        raise schema.SchemaError(f"{path}: column 'video_id' has ids outside 1..{num_videos}")
-    col = table.column("popular_comments")
-    width = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
-    if width is None:
-        raise schema.SchemaError(f"{path}: column 'popular_comments' is {col.type}, expected a fixed_size_list")
-    pop = schema.fixed_list_to_numpy(col, (width,))
-    out = np.zeros((num_videos + 1, width), dtype=np.int64)
-    out[ids] = pop
-    return out
-
-
-def read_dims(data_dir: str | Path) -> dict:
-    """The manifest's ``dims`` plus ``num_videos``/``num_comments``."""
-    man = read_manifest(data_dir)
-    return {**dims_of(man), "num_videos": int(man["num_videos"]), "num_comments": int(man["num_comments"])}
-
-
-def keep_recent(hist: np.ndarray, lengths: np.ndarray, keep: int) -> np.ndarray:
-    """Keep the most recent ``keep`` records of right-padded, oldest-first histories.
-
-    Args:
-        hist: ``[B, L, ...]`` histories, the first ``lengths[b]`` entries real.
-        lengths: ``[B]`` real lengths.
-        keep: new length (``<= L``).
-
-    Returns:
-        ``[B, keep, ...]``, still oldest first and right-padded.
-    """
-    b, length = hist.shape[:2]
-    if keep >= length:
-        return hist
-    start = np.clip(lengths - keep, 0, None)  # [B]
-    idx = start[:, None] + np.arange(keep)[None, :]  # [B, keep]
-    idx = np.minimum(idx, length - 1)
-    out = np.take_along_axis(hist, idx.reshape(b, keep, *([1] * (hist.ndim - 2))), axis=1)
-    real = np.arange(keep)[None, :] < np.minimum(lengths, keep)[:, None]
-    return np.where(real.reshape(b, keep, *([1] * (hist.ndim - 2))), out, 0)
 
 
 def arrow_to_numpy(table: pa.Table, dims: dict) -> dict[str, np.ndarray]:

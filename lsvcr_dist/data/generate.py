@@ -271,16 +271,13 @@ def generate_logs(cfg: GenerateConfig) -> dict:
     """Generate the synthetic raw logs under ``cfg.run_dir/raw``.
 
     Args:
-        cfg: sizes, topics, days, seed and shard size.
+        cfg: sizes, topics, days, seed and shard size (``GenerateConfig`` refuses sizes the generator cannot
+            honour exactly when it is built).
 
     Returns:
         ``{"raw_dir", "num_users", "num_videos", "num_comments", "num_video_inter", "num_comment_inter",
         "files": {table: n}}`` (the counts equal the config).
-
-    Raises:
-        ConfigError: sizes that cannot satisfy the guarantees (e.g. fewer than 4 video interactions per user).
     """
-    cfg.check()  # again: a config may have been edited after construction
     raw_dir = Path(cfg.run_dir) / "raw"
     rng = np.random.default_rng([cfg.seed, 0])
     voc = _Vocab(cfg.num_topics)

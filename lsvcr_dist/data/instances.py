@@ -162,20 +162,24 @@ def _gather_hist(n_before: np.ndarray, values: np.ndarray, L: int) -> tuple[np.n
     return np.where(mask, taken, 0), lens
 
 
-def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
-    """All instances of ONE user (Ray Data ``map_groups`` UDF).
+@dataclass
+class UserEvents:
+    """One user's interactions in a deterministic chronological order, split into the two histories."""
 
-    Args:
-        events: rows of ``EVENT_SCHEMA`` for one ``user_id`` in any order.
-        ctx: global lookups.
+    v_ts: np.ndarray
+    """``[Nv]`` timestamps of video interactions, ascending."""
+    v_vid: np.ndarray
+    """``[Nv]`` their videos."""
+    c_ts: np.ndarray
+    """``[Nc]`` timestamps of comment records, ascending."""
+    c_vid: np.ndarray
+    """``[Nc]`` the video each record comments on."""
+    c_mat: np.ndarray
+    """``[Nc, K]`` the record's comment ids, 0-padded (records longer than K are cut; the driver counts them)."""
 
-    Returns:
-        INSTANCE columns (``comment_hist_comments`` flattened to ``[L*K]``, see ``shards.flatten_nested``) plus ``split`` (train/val/test/filtered), ``_seq`` (chronological index in the user) and
-        ``_reason`` ("" or the filter reason, e.g. ``empty_history_video``).
-    """
-    d = ctx.dims
-    L, K = d["L"], d["K"]
-    uid = int(events.column("user_id")[0].as_py())
+
+def user_events(events: pa.Table, k: int) -> UserEvents:
+    """Sort one user's ``EVENT_SCHEMA`` rows (ties broken by kind, video, first comment) and split them by kind."""
     ts = events.column("timestamp").to_numpy()
     vid = events.column("video_id").to_numpy()
     isc = events.column("is_comment").to_numpy()
@@ -184,51 +188,74 @@ def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
     order = np.lexsort((first, vid, isc, ts))  # deterministic tie order whatever the input order
     v_idx = order[isc[order] == 0]
     c_idx = order[isc[order] == 1]
-    v_ts, v_vid = ts[v_idx], vid[v_idx]
-    c_ts, c_vid = ts[c_idx], vid[c_idx]
-    c_mat = np.zeros((len(c_idx), K), dtype=np.int64)
+    c_mat = np.zeros((len(c_idx), k), dtype=np.int64)
     for r, i in enumerate(c_idx):
-        ids = lists[i][:K]  # records longer than K are counted by the driver (truncated_comments)
+        ids = lists[i][:k]
         c_mat[r, :len(ids)] = ids
+    return UserEvents(ts[v_idx], vid[v_idx], ts[c_idx], vid[c_idx], c_mat)
 
-    t_ts = np.concatenate([v_ts, c_ts])
-    task = np.concatenate([np.full(len(v_ts), TASK_VIDEO), np.full(len(c_ts), TASK_COMMENT)]).astype(np.int64)
-    nv = np.searchsorted(v_ts, t_ts, side="left")  # strictly earlier video interactions
-    nc = np.searchsorted(c_ts, t_ts, side="left")
-    video_hist, video_len = _gather_hist(nv, v_vid, L)
-    chv, comment_len = _gather_hist(nc, c_vid, L)
-    chc, _ = _gather_hist(nc, c_mat, L)
-    last_v = np.where(nv > 0, v_ts[np.maximum(nv - 1, 0)] if len(v_ts) else 0, 0)
-    last_c = np.where(nc > 0, c_ts[np.maximum(nc - 1, 0)] if len(c_ts) else 0, 0)
+
+def _candidates(ctx: PrepContext, uid: int, rows: dict[str, np.ndarray], keep: np.ndarray,
+                split_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Candidate columns of the kept instances: evaluation candidates for val/test rows, training negatives for
+    comment rows; each row draws from its own ``instance_rng`` so the result does not depend on the worker."""
+    d, n = ctx.dims, len(rows["task"])
+    out = {"cand_videos": np.zeros((n, d["NV"]), np.int64), "cand_comments": np.zeros((n, d["NC"]), np.int64),
+           "cand_comment_mask": np.zeros((n, d["NC"]), np.int64),
+           "train_comment_cands": np.zeros((n, d["NT"]), np.int64)}
+    for i in np.flatnonzero(keep):
+        rng = instance_rng(ctx.seed, uid, rows["timestamp"][i], rows["task"][i])
+        if rows["task"][i] == TASK_VIDEO:
+            if split_idx[i] > 0:
+                out["cand_videos"][i] = sample_video_candidates(rng, int(rows["target_video"][i]), ctx.num_videos,
+                                                                d["NV"])
+        else:
+            pos, video = rows["target_comments"][i], int(rows["current_video"][i])
+            out["train_comment_cands"][i] = sample_train_comment_candidates(rng, ctx, video, int(pos[0]), pos)
+            if split_idx[i] > 0:
+                out["cand_comments"][i], out["cand_comment_mask"][i] = sample_comment_candidates(rng, ctx, video, pos)
+    return out
+
+
+def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
+    """All instances of ONE user (Ray Data ``map_groups`` UDF): every interaction is a target seeing the strictly
+    earlier ones as its histories.
+
+    Args:
+        events: rows of ``EVENT_SCHEMA`` for one ``user_id`` in any order.
+        ctx: global lookups.
+
+    Returns:
+        INSTANCE columns (``comment_hist_comments`` flattened to ``[L*K]``, see ``shards.flatten_nested``) plus
+        ``split`` (train/val/test/filtered), ``_seq`` (chronological index in the user) and ``_reason`` ("" or the
+        filter reason, e.g. ``empty_history_video``).
+    """
+    d = ctx.dims
+    L, K = d["L"], d["K"]
+    uid = int(events.column("user_id")[0].as_py())
+    ev = user_events(events, K)
+    t_ts = np.concatenate([ev.v_ts, ev.c_ts])
+    task = np.concatenate([np.full(len(ev.v_ts), TASK_VIDEO), np.full(len(ev.c_ts), TASK_COMMENT)]).astype(np.int64)
+    nv = np.searchsorted(ev.v_ts, t_ts, side="left")  # strictly earlier video interactions
+    nc = np.searchsorted(ev.c_ts, t_ts, side="left")
+    video_hist, video_len = _gather_hist(nv, ev.v_vid, L)
+    chv, comment_len = _gather_hist(nc, ev.c_vid, L)
+    chc, _ = _gather_hist(nc, ev.c_mat, L)
+    last_v = np.where(nv > 0, ev.v_ts[np.maximum(nv - 1, 0)] if len(ev.v_ts) else 0, 0)
+    last_c = np.where(nc > 0, ev.c_ts[np.maximum(nc - 1, 0)] if len(ev.c_ts) else 0, 0)
     n = len(t_ts)
     is_video = task == TASK_VIDEO
-    target_video = np.where(is_video, np.concatenate([v_vid, np.zeros(len(c_ts), np.int64)]), 0)
-    current_video = np.where(is_video, 0, np.concatenate([np.zeros(len(v_ts), np.int64), c_vid]))
-    target_comments = np.concatenate([np.zeros((len(v_ts), K), np.int64), c_mat])
+    zeros_v, zeros_c = np.zeros(len(ev.v_ts), np.int64), np.zeros(len(ev.c_ts), np.int64)
+    target_video = np.where(is_video, np.concatenate([ev.v_vid, zeros_c]), 0)
+    current_video = np.where(is_video, 0, np.concatenate([zeros_v, ev.c_vid]))
+    target_comments = np.concatenate([np.zeros((len(ev.v_ts), K), np.int64), ev.c_mat])
     split_idx = split_of_day(t_ts // SECONDS_PER_DAY, ctx.val_start_day, ctx.test_start_day)
     empty = (nv == 0) & (nc == 0)
     # 4.4.2 unseen users: their train/val instances are filtered (counted as held_out_user), test ones kept
-    held = np.zeros(len(t_ts), bool)
+    held = np.zeros(n, bool)
     if is_held_out_user(ctx.seed, uid, ctx.unseen_user_frac):
         held = ~empty & (split_idx < 2)
     keep = ~empty & ~held
-    user_seen = int(np.any(keep & (split_idx == 0)))
-
-    cand_videos = np.zeros((n, d["NV"]), np.int64)
-    cand_comments = np.zeros((n, d["NC"]), np.int64)
-    cand_mask = np.zeros((n, d["NC"]), np.int64)
-    train_cands = np.zeros((n, d["NT"]), np.int64)
-    for i in np.flatnonzero(keep):
-        rng = instance_rng(ctx.seed, uid, t_ts[i], task[i])
-        if is_video[i]:
-            if split_idx[i] > 0:
-                cand_videos[i] = sample_video_candidates(rng, int(target_video[i]), ctx.num_videos, d["NV"])
-        else:
-            pos = target_comments[i]
-            train_cands[i] = sample_train_comment_candidates(rng, ctx, int(current_video[i]), int(pos[0]), pos)
-            if split_idx[i] > 0:
-                cand_comments[i], cand_mask[i] = sample_comment_candidates(rng, ctx, int(current_video[i]), pos)
-
     seen_video = np.where(is_video, target_video, current_video)
     cols = {
         "user_id": np.full(n, uid, np.int64), "task": task, "timestamp": t_ts,
@@ -236,11 +263,18 @@ def build_user_instances(events: pa.Table, ctx: PrepContext) -> pa.Table:
         "comment_hist_video": chv, "comment_hist_comments": chc, "comment_hist_len": comment_len,
         "current_video": current_video, "target_video": target_video,
         "target_comment": target_comments[:, 0].copy(), "target_comments": target_comments,
-        "cand_videos": cand_videos, "cand_comments": cand_comments, "cand_comment_mask": cand_mask,
-        "train_comment_cands": train_cands, "target_seen": ctx.train_videos[seen_video].astype(np.int64),
-        "user_seen": np.full(n, user_seen, np.int64),
+        "target_seen": ctx.train_videos[seen_video].astype(np.int64),
+        "user_seen": np.full(n, int(np.any(keep & (split_idx == 0))), np.int64),
     }
-    table = flatten_nested(numpy_to_table(cols, INSTANCE, d))  # see shards.flatten_nested: Ray-safe layout
+    cols.update(_candidates(ctx, uid, cols, keep, split_idx))
+    return _with_bookkeeping(numpy_to_table(cols, INSTANCE, d), task, t_ts, split_idx, empty, held, is_video)
+
+
+def _with_bookkeeping(table: pa.Table, task: np.ndarray, t_ts: np.ndarray, split_idx: np.ndarray,
+                      empty: np.ndarray, held: np.ndarray, is_video: np.ndarray) -> pa.Table:
+    """The Ray-safe layout (``shards.flatten_nested``) plus ``split``, ``_seq`` and ``_reason`` columns."""
+    n = len(task)
+    table = flatten_nested(table)
     # chronological order inside the user: the shard order is (user_id, _seq) whatever the worker count
     seq = np.empty(n, np.int64)
     seq[np.lexsort((np.arange(n), task, t_ts))] = np.arange(n)

@@ -81,6 +81,12 @@ def dims_of(manifest: dict) -> dict[str, int]:
     return {k: int(v) for k, v in manifest["dims"].items()}
 
 
+def read_dims(data_dir: str | Path) -> dict:
+    """The manifest's ``dims`` plus ``num_videos``/``num_comments``."""
+    man = read_manifest(data_dir)
+    return {**dims_of(man), "num_videos": int(man["num_videos"]), "num_comments": int(man["num_comments"])}
+
+
 def shard_files(data_dir: str | Path, manifest: dict, fmt: str, split: str) -> list[Path]:
     """Absolute shard paths of ``fmt`` (``parquet`` / ``webdataset``) and ``split`` listed in the manifest.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,19 +48,6 @@ def dims_from_config(cfg: PrepareConfig) -> dict[str, int]:
     return {"L": cfg.finetune_hist_len, "LA": cfg.align_hist_len, "K": cfg.max_comments_per_record,
             "P": cfg.popular_comments, "NV": cfg.num_video_candidates, "NC": cfg.num_comment_candidates,
             "NT": cfg.train_comment_negatives + 1}
-
-
-def _check_config(cfg: PrepareConfig) -> None:
-    if cfg.comment_pad not in ("negatives", "mask"):
-        raise ValueError(f"prepare.comment_pad must be 'negatives' or 'mask', got {cfg.comment_pad!r}")
-    bad = [f for f in cfg.formats if f not in ("parquet", "webdataset")]
-    if bad or not cfg.formats:
-        raise ValueError(f"prepare.formats must be a non-empty subset of [parquet, webdataset], got {cfg.formats}")
-    if cfg.align_hist_len > cfg.finetune_hist_len:
-        raise ValueError("prepare.align_hist_len must be <= finetune_hist_len (alignment reads a suffix)")
-    if min(cfg.shard_rows, cfg.max_comments_per_record, cfg.test_days, cfg.num_video_candidates) < 1 or \
-            cfg.val_days < 0:
-        raise ValueError("prepare: shard_rows, max_comments_per_record, test_days, candidates must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------------- tables
@@ -240,16 +228,15 @@ def _csr(comment_video: np.ndarray, num_videos: int) -> tuple[np.ndarray, np.nda
 
 # --------------------------------------------------------------------------------------------------- main
 def validate_inputs(cfg: PrepareConfig) -> dict:
-    """Driver-side checks before Ray starts: config values and every raw part file (``raw.validate_raw``).
+    """Driver-side checks before Ray starts: every raw part file (``raw.validate_raw``) against the config.
 
     Returns:
         The raw statistics of ``validate_raw``.
 
     Raises:
         raw.RawDataError: a raw file is corrupt/truncated or malformed (names file, row, column).
-        ValueError: an invalid config value, or fewer videos than ``num_video_candidates``.
+        ValueError: fewer videos than ``num_video_candidates``.
     """
-    _check_config(cfg)
     raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else Path(cfg.run_dir) / "raw"
     stats = raw_mod.validate_raw(raw_dir)
     if stats["num_videos"] < cfg.num_video_candidates:
@@ -258,7 +245,7 @@ def validate_inputs(cfg: PrepareConfig) -> dict:
     return stats
 
 
-def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
+def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print, stats: dict | None = None) -> dict:
     """Run the whole preparation (needs an initialised Ray); returns the manifest written.
 
     Args:
@@ -268,7 +255,7 @@ def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
 
     Raises:
         raw.RawDataError: a raw file is corrupt/truncated or malformed (names file, row, column).
-        ValueError: an invalid config value or too few videos/comments for the candidate counts.
+        ValueError: too few videos/comments for the candidate counts.
     """
     t0 = time.time()
     stats = stats or validate_inputs(cfg)  # driver-side, file by file: bad input fails before any task starts
@@ -276,7 +263,6 @@ def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
     raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else run_dir / "raw"
     data_dir = run_dir / "data"
     files = raw_mod.raw_dir_paths(raw_dir)
-    nv, ncm = stats["num_videos"], stats["num_comments"]
     dims = dims_from_config(cfg)
     log(f"[prepare] raw validated in {time.time() - t0:.1f}s: {stats}")
     if data_dir.exists():
@@ -285,29 +271,65 @@ def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    comment_video, table_paths = build_tables(files, data_dir / "tables", stats["num_videos"], stats["num_comments"],
+                                              dims["P"])
+    log(f"[prepare] tables written in {time.time() - t0:.1f}s")
+    split_days = _split_days(stats["max_timestamp"], cfg)
+    inst, truncated = build_instances(cfg, raw_dir, files, stats, comment_video, split_days)
+    log(f"[prepare] instances built in {time.time() - t0:.1f}s")
+    splits, filtered = count_instances(inst, truncated)
+    shards, shard_counts = write_shards(inst, data_dir, cfg, dims, splits)
+    log(f"[prepare] shards written in {time.time() - t0:.1f}s: {splits}")
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "num_users": int(stats["max_user_id"]),
+        "num_videos": int(stats["num_videos"]), "num_comments": int(stats["num_comments"]), "dims": dims, "splits": splits, "shards": shards,
+        "shard_rows": shard_counts, "tables": table_paths, "filtered": filtered, "seed": cfg.seed,
+        "raw_dir": str(raw_dir), "split_days": split_days, "comment_pad": cfg.comment_pad, "raw_stats": stats,
+        "wds_encoding": "one <key>.inst.npy per sample: a (1,) structured int64 record, fields = INSTANCE columns",
+    }
+    write_manifest(data_dir, manifest)
+    log(f"[prepare] done in {time.time() - t0:.1f}s -> {data_dir}")
+    return manifest
+
+
+def _split_days(max_timestamp: int, cfg: PrepareConfig) -> dict[str, int]:
+    """Calendar days (UTC) where validation and test start: the last ``test_days`` are test, ``val_days`` before."""
+    last_day = max_timestamp // SECONDS_PER_DAY
+    test_start = last_day - cfg.test_days + 1
+    return {"val_start_day": int(test_start - cfg.val_days), "test_start_day": int(test_start),
+            "last_day": int(last_day)}
+
+
+def build_instances(cfg: PrepareConfig, raw_dir: Path, files: dict[str, list[Path]], stats: dict,
+                    comment_video: np.ndarray, split_days: dict[str, int]) -> tuple[ray.data.Dataset, int]:
+    """Both interaction tables as one event stream, grouped by user into instances (materialized).
+
+    Returns:
+        ``(instances, truncated)``: ``build_user_instances`` rows of every user, and the comment records longer than
+        K (cut to K, counted as ``truncated_comments``).
+    """
+    nv, ncm = stats["num_videos"], stats["num_comments"]
     n_events = stats["num_video_inter"] + stats["num_comment_inter"]
     parts = cfg.num_partitions or max(2, min(256, -(-n_events // 250_000)))
-    comment_video, table_paths = build_tables(files, data_dir / "tables", nv, ncm, dims["P"])
-    log(f"[prepare] tables written in {time.time() - t0:.1f}s")
-
     vi = ray.data.read_parquet([str(f) for f in files["video_inter"]]).map_batches(_video_events,
                                                                                   batch_format="pyarrow")
     ci = ray.data.read_parquet([str(f) for f in files["comment_inter"]]).map_batches(_comment_events,
                                                                                     batch_format="pyarrow")
-    events = vi.union(ci)
-    last_day = stats["max_timestamp"] // SECONDS_PER_DAY
-    test_start = last_day - cfg.test_days + 1
-    val_start = test_start - cfg.val_days
+    val_start, test_start = split_days["val_start_day"], split_days["test_start_day"]
     train_videos, truncated = _event_stats(raw_dir, val_start * SECONDS_PER_DAY, cfg.max_comments_per_record, nv)
     offsets, by_video = _csr(comment_video, nv)
     ctx = PrepContext(num_videos=nv, num_comments=ncm, comment_video=comment_video, video_offsets=offsets,
                       video_comments=by_video, train_videos=train_videos, val_start_day=int(val_start),
-                      test_start_day=int(test_start), dims=dims, seed=cfg.seed, comment_pad=cfg.comment_pad,
-                      unseen_user_frac=cfg.unseen_user_frac)
-    inst = events.groupby("user_id", num_partitions=parts).map_groups(
+                      test_start_day=int(test_start), dims=dims_from_config(cfg), seed=cfg.seed,
+                      comment_pad=cfg.comment_pad, unseen_user_frac=cfg.unseen_user_frac)
+    inst = vi.union(ci).groupby("user_id", num_partitions=parts).map_groups(
         build_user_instances, fn_kwargs={"ctx": ctx}, batch_format="pyarrow").materialize()
-    log(f"[prepare] instances built in {time.time() - t0:.1f}s")
+    return inst, truncated
 
+
+def count_instances(inst: ray.data.Dataset, truncated: int) -> tuple[dict, dict]:
+    """``(rows per split and task, filtered rows per reason)``, summed on the driver without pulling rows."""
     splits = {s: {"video": 0, "comment": 0} for s in SPLIT_NAMES}
     filtered = {"truncated_comments": truncated, "empty_history_video": 0, "empty_history_comment": 0,
                 "held_out_user": 0}
@@ -316,28 +338,27 @@ def prepare(cfg: PrepareConfig, log=print, stats: dict | None = None) -> dict:
             filtered[row["_reason"]] = filtered.get(row["_reason"], 0) + row["count_all"]
         else:
             splits[row["split"]][TASK_NAMES[row["task"]]] += row["count_all"]
+    return splits, filtered
 
+
+def write_shards(inst: ray.data.Dataset, data_dir: Path, cfg: PrepareConfig, dims: dict[str, int],
+                 splits: dict) -> tuple[dict, dict]:
+    """Sort the kept instances once and cut them into shards of both formats.
+
+    Returns:
+        ``(shard paths by format and split, rows of each shard by split)``.
+
+    Raises:
+        RuntimeError: a split's written rows differ from its counted rows (the sort/filter lost or added rows).
+    """
     # One global sort by (split, user, chronological index): shard bytes do not depend on the block layout.
     ordered = inst.map_batches(_with_split_code, batch_format="pyarrow").sort(["_split", "user_id", "_seq"])
     writer = _ShardWriter(data_dir, cfg.formats, cfg.shard_rows, dims)
     for batch in ordered.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
         writer.add(batch)
     writer.close()
-    for split in SPLIT_NAMES:  # the sort/filter must neither drop nor duplicate rows
+    for split in SPLIT_NAMES:
         written = sum(writer.counts[split])
         if written != sum(splits[split].values()):
             raise RuntimeError(f"split {split}: wrote {written} rows, counted {sum(splits[split].values())}")
-    shards, shard_counts = writer.shards, writer.counts
-    log(f"[prepare] shards written in {time.time() - t0:.1f}s: {splits}")
-
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "num_users": int(stats["max_user_id"]), "num_videos": int(nv),
-        "num_comments": int(ncm), "dims": dims, "splits": splits, "shards": shards, "shard_rows": shard_counts,
-        "tables": table_paths, "filtered": filtered, "seed": cfg.seed, "raw_dir": str(raw_dir),
-        "split_days": {"val_start_day": int(val_start), "test_start_day": int(test_start), "last_day": int(last_day)},
-        "comment_pad": cfg.comment_pad, "raw_stats": stats,
-        "wds_encoding": "one <key>.inst.npy per sample: a (1,) structured int64 record, fields = INSTANCE columns",
-    }
-    write_manifest(data_dir, manifest)
-    log(f"[prepare] done in {time.time() - t0:.1f}s -> {data_dir}")
-    return manifest
+    return writer.shards, writer.counts

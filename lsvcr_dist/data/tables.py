@@ -116,3 +116,33 @@ class TextTables:
         for pos, s in zip(np.flatnonzero(is_comment), self.comment_texts(ids[is_comment] - self.num_videos)):
             out[pos] = s
         return out
+
+
+def load_popular_comments(data_dir: str | Path, num_videos: int) -> np.ndarray:
+    """Popular comments of every video from ``data/tables/videos.parquet``.
+
+    Args:
+        data_dir: prepared data folder (``run_dir/data``).
+        num_videos: V from the manifest.
+
+    Returns:
+        ``[V + 1, P]`` int64, row v = comment ids of video v by popularity (0-padded); row 0 is all zeros.
+
+    Raises:
+        FileNotFoundError / schema.SchemaError: naming the table file.
+    """
+    path = Path(data_dir) / "tables" / "videos.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: video table missing (run prepare_data first)")
+    table = pq.read_table(path, columns=["video_id", "popular_comments"])
+    ids = table.column("video_id").to_numpy()
+    if ids.size and (ids.min() < 1 or ids.max() > num_videos):
+        raise SchemaError(f"{path}: column 'video_id' has ids outside 1..{num_videos}")
+    col = table.column("popular_comments")
+    width = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
+    if width is None:
+        raise SchemaError(f"{path}: column 'popular_comments' is {col.type}, expected a fixed_size_list")
+    pop = fixed_list_to_numpy(col, (width,))
+    out = np.zeros((num_videos + 1, width), dtype=np.int64)
+    out[ids] = pop
+    return out

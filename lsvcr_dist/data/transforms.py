@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 
 from lsvcr_dist import schema
 from lsvcr_dist.data.comdiv import ComDiv
-from lsvcr_dist.data.ft_transforms import keep_recent, load_popular_comments, read_dims
+from lsvcr_dist.data.history import keep_recent
+from lsvcr_dist.data.manifest import read_dims
+from lsvcr_dist.data.tables import load_popular_comments
 from lsvcr_dist.data.prompts import TASK_COMMENT, TASK_VIDEO, fit_instruction, prompt_length, tokenize_prompt
 
 OUT_KEYS = tuple(schema.ALIGN_BATCH)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-TASK_VIDEO = 0
+from lsvcr_dist.schema import TASK_VIDEO
 
 # Batch columns holding video ids (title text id = video id) and comment ids (text id = num_videos + id).
 VIDEO_ID_COLUMNS = ("video_hist", "comment_hist_video", "current_video")
@@ -78,8 +78,9 @@ class AlignModel(nn.Module):
             attention_mask[N, T]) -> [N, H]``.
         sr: ``SRModel`` (see ARCHITECTURE.md) taking text vectors of width ``Din``.
         num_videos: text-id offset of comments.
-        text_source: ``online`` or ``store``.
-        text_table: ``[1 + V + C, Din]`` frozen vectors (row 0 zeros) for ``store``; kept as a plain attribute,
+        text_source: ``online`` or ``store`` (``AlignStageConfig.text_source``).
+        text_table: ``[1 + V + C, Din]`` frozen vectors (row 0 zeros) for ``store`` (``build_align_model`` checks
+            it is given); kept as a plain attribute,
             not a parameter or buffer, so DeepSpeed neither shards nor checkpoints it.
         text_bucket: online source: encode the texts in length-sorted chunks of at most this many (0 = one batch).
     """
@@ -87,10 +88,6 @@ class AlignModel(nn.Module):
     def __init__(self, llm: nn.Module, sr: nn.Module, num_videos: int, text_source: str = "online",
                  text_table: torch.Tensor | None = None, text_bucket: int = 0) -> None:
         super().__init__()
-        if text_source not in ("online", "store"):
-            raise ValueError(f"text_source must be 'online' or 'store', got {text_source!r}")
-        if text_source == "store" and text_table is None:
-            raise ValueError("text_source='store' needs text_table (the base EmbeddingStore as a tensor)")
         self.llm = llm
         self.sr = sr
         self.num_videos = int(num_videos)

@@ -34,7 +34,7 @@ class FinetuneModel(nn.Module):
     """One task's fine-tune model: SR model + frozen text table + cosine scoring.
 
     Args:
-        sr: the SR model (engineer C's ``SRModel``; exposes ``forward``, ``encode_videos``, ``encode_comments``).
+        sr: the SR model (``SRModel``; exposes ``forward``, ``encode_videos``, ``encode_comments``).
         text_table: ``[1 + V + C, Din]`` float text vectors in text-id order (row 0 zeros).
         num_videos: V (comment c has text id ``V + c``).
         task: ``"video"`` or ``"comment"``.

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lsvcr_dist.config import AlignStageConfig, to_dict
 from lsvcr_dist.train.checkpoint import find_latest_complete
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    from ray.data import Dataset
+    from ray.train import Result, RunConfig
+    from ray.train.torch import TorchTrainer
 
 RUN_NAME = "checkpoints"
 
@@ -29,7 +38,7 @@ class StreamAlignTransform:
 
         self.inner = AlignTransform(**kwargs)
 
-    def __call__(self, batch):
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from lsvcr_dist.data.ingest import to_numpy_batch
 
         return self.inner(to_numpy_batch(batch, self.inner.dims))
@@ -56,29 +65,19 @@ def validate_prepared(cfg: AlignStageConfig) -> dict:
     return manifest
 
 
-def dataset_name(epoch: int, draws: int) -> str:
-    """Ray Train dataset the loop streams in ``epoch``: ``train`` for draw 0, ``train_draw{k}`` for ``k = epoch % draws``.
-
-    The name depends on the epoch and ``ingest.epoch_draws`` only (not on ``max_steps``), so a resumed run with a
-    longer schedule reads the same draw at the same epoch.
-    """
-    if draws < 1:
-        raise ValueError(f"ingest.epoch_draws must be >= 1, got {draws}")
-    k = epoch % draws
-    return "train" if k == 0 else f"train_draw{k}"
-
-
-def build_align_datasets(cfg: AlignStageConfig, instances=None) -> dict:
+def build_align_datasets(cfg: AlignStageConfig, instances: Dataset | None = None) -> dict[str, Dataset]:
     """``{dataset_name: dataset}``: one lazy ALIGN dataset per ComDiv draw (``ingest.epoch_draws``).
 
     Draw k runs ``AlignTransform(epoch=k)``, so epoch e of training sees new diversified comments and popular-
     comment targets whenever ``e % epoch_draws`` changes; each draw gets its own deterministic streaming split.
     """
+    from lsvcr_dist.train.loop import dataset_name
+
     n = cfg.ingest.epoch_draws
     return {dataset_name(k, n): build_align_dataset(cfg, instances, draw=k) for k in range(n)}
 
 
-def build_align_dataset(cfg: AlignStageConfig, instances=None, draw: int = 0):
+def build_align_dataset(cfg: AlignStageConfig, instances: Dataset | None = None, draw: int = 0) -> Dataset:
     """Train INSTANCE shards -> ``map_batches(AlignTransform)`` -> ALIGN_BATCH rows (a lazy ``ray.data.Dataset``).
 
     Args:
@@ -106,7 +105,40 @@ def run_name(cfg: AlignStageConfig) -> str:
     return RUN_NAME if cfg.checkpoint.resume else f"{RUN_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None, fault_inject: str | None = None):
+def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_config: dict,
+                  datasets: dict[str, Dataset], run_config: RunConfig) -> TorchTrainer:
+    """A ``TorchTrainer`` for alignment-shaped work: ``cfg``'s workers and backend, deterministic dataset split.
+
+    The stage (``build_trainer``) and the throughput benchmark (its own timed ``loop``) both build their trainer here.
+
+    Args:
+        cfg: resolved config (``scaling``, ``timeout_s``).
+        loop: ``train_loop_per_worker`` run by every worker.
+        loop_config: its argument (plain values only).
+        datasets: ``{name: ray.data.Dataset}``, each split across the workers by Ray Train.
+        run_config: ``ray.train.RunConfig`` (storage, name, failure and checkpoint policy).
+    """
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsvcr_dist.data.ingest import ingest_data_config
+
+    sc = cfg.scaling
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
+        datasets=datasets,
+        dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
+        run_config=run_config,
+    )
+
+
+def build_trainer(cfg: AlignStageConfig, dataset: Dataset | dict[str, Dataset], resume_from: str | None = None,
+                  fault_inject: str | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of the stage (DeepSpeed inside ``train_loop_per_worker``).
 
     Args:
@@ -114,48 +146,41 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
         dataset: ``build_align_datasets``'s dict (or one ALIGN_BATCH dataset, named ``train``), each split
             across workers by Ray Train.
         resume_from: a complete checkpoint folder to resume from (``find_latest_complete``), or None.
-        fault_inject: ``step:N`` test hook (default: the driver's ``LSVCR_FAULT_INJECT``), passed in the loop
-            config because driver environment variables do not reach already-started Ray workers.
+        fault_inject: ``step:N`` fault for the restart tests (default: the driver's ``LSVCR_FAULT_INJECT``), passed
+            in the loop config because driver environment variables do not reach already-started Ray workers.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from lsvcr_dist.data.ingest import ingest_data_config
-    from lsvcr_dist.train.loop import train_loop_per_worker
+    from lsvcr_dist.train.loop import FAULT_ENV, train_loop_per_worker
 
     align_dir = (Path(cfg.run_dir) / "align").resolve()
     align_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = to_dict(cfg)
     if resume_from:
         loop_cfg["_resume_from"] = str(resume_from)
-    fault = os.environ.get("LSVCR_FAULT_INJECT", "") if fault_inject is None else fault_inject
+    fault = os.environ.get(FAULT_ENV, "") if fault_inject is None else fault_inject
     if fault:
         loop_cfg["_fault_inject"] = fault
-    sc = cfg.scaling
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_cfg,
-        # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
-        datasets=dataset if isinstance(dataset, dict) else {"train": dataset},
-        dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
-        run_config=RunConfig(
-            name=run_name(cfg), storage_path=str(align_dir),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-        ),
+    run_config = RunConfig(
+        name=run_name(cfg), storage_path=str(align_dir),
+        failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
     )
+    datasets = dataset if isinstance(dataset, dict) else {"train": dataset}
+    return align_trainer(cfg, train_loop_per_worker, loop_cfg, datasets, run_config)
 
 
-def run_align(cfg: AlignStageConfig, instances=None, fault_inject: str | None = None):
+def run_align(cfg: AlignStageConfig, instances: Dataset | None = None, fault_inject: str | None = None,
+              log: Callable[[str], None] = lambda _: None) -> Result:
     """Validate, build the dataset and trainer, resume if a complete checkpoint exists, ``fit()``.
+
+    What ``jobs/align.py`` runs and the Ray tests test. Needs an initialized Ray (the caller's ``ray.init``).
 
     Args:
         cfg: resolved config.
         instances: optional INSTANCE-row dataset (default: the whole train split).
-        fault_inject: ``step:N`` test hook (see ``build_trainer``).
+        fault_inject: ``step:N`` fault for the restart tests (see ``build_trainer``).
+        log: progress printer (the resume point).
 
     Returns:
         The Ray ``Result``.
@@ -163,4 +188,6 @@ def run_align(cfg: AlignStageConfig, instances=None, fault_inject: str | None = 
     validate_prepared(cfg)
     ds = build_align_datasets(cfg, instances)
     resume = find_latest_complete(Path(cfg.run_dir) / "align") if cfg.checkpoint.resume else None
+    if resume:
+        log(f"align: resuming from {resume}")
     return build_trainer(cfg, ds, str(resume) if resume else None, fault_inject).fit()

@@ -1,4 +1,7 @@
-"""One alignment micro-step (forward, cross-worker gather, L_ALI, backward, step) and metric reduction.
+"""One alignment micro-step (forward, cross-worker gather, L_ALI, backward, step), its inputs and metric reduction.
+
+Inputs: ``to_tensors`` (ALIGN batch -> int64 tensors), ``text_inputs`` (the micro-batch's distinct texts) and the
+exact padding cuts ``trim_prompts`` / ``trim_text`` that ``AlignStageConfig.trim_padding`` turns on.
 
 No Ray here, only ``torch.distributed`` through ``train.distributed``: the same code runs in Ray Train workers and
 in ``torch.multiprocessing`` spawn + gloo tests.
@@ -10,13 +13,18 @@ Gradient accumulation adds no negatives. Target text ids are gathered too, for d
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from lsvcr_dist.losses import AlignmentLoss
 from lsvcr_dist.models.align_model import TextInputs, unique_text_ids
 from lsvcr_dist.train.distributed import all_gather, all_gather_with_grad, all_reduce_sum, rank_offsets
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 # Long columns of schema.ALIGN_BATCH used by the model (everything is int64).
 BATCH_KEYS = (
@@ -42,7 +50,9 @@ def to_tensors(batch: dict[str, Any], device: torch.device | str) -> dict[str, t
     return out
 
 
-def text_inputs(batch: dict[str, Any], num_videos: int, encode_texts, device) -> TextInputs:
+def text_inputs(batch: dict[str, Any], num_videos: int,
+                encode_texts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None,
+                device: torch.device | str) -> TextInputs:
     """The distinct texts of the micro-batch, tokenized once (online) or ids only (store).
 
     Args:
@@ -60,11 +70,46 @@ def text_inputs(batch: dict[str, Any], num_videos: int, encode_texts, device) ->
                       torch.as_tensor(mask, dtype=torch.long, device=device))
 
 
-def _np(x):
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def micro_step(engine, loss_fn, batch: dict[str, torch.Tensor], text: TextInputs, rand_pos: bool) -> dict:
+PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt_labels")
+
+
+def trim_prompts(batch: dict) -> dict:
+    """Cut the right padding of the ``[B, T]`` prompt columns to the longest real prompt of the micro-batch.
+
+    Exact: prompts are right-padded and attention is causal, so real positions never see the cut columns, and
+    labels there are -100. ``prompt_last_index`` (< the real length) is unchanged.
+
+    Args:
+        batch: ALIGN batch (tensors or ndarrays) with ``PROMPT_KEYS`` ``[B, T]``.
+
+    Returns:
+        A new dict whose prompt columns are ``[B, T']`` with ``T' = max(prompt_attention_mask.sum(1))`` (>= 1).
+    """
+    mask = batch["prompt_attention_mask"]
+    t = int(mask.sum(1).max()) if len(mask) else 1
+    out = dict(batch)
+    for k in PROMPT_KEYS:
+        out[k] = batch[k][:, : max(t, 1)]
+    return out
+
+
+def trim_text(text: TextInputs) -> TextInputs:
+    """``TextInputs`` with ``input_ids`` / ``attention_mask`` ``[U, T]`` cut to the longest real text (>= 1).
+
+    Exact for the same reason as ``trim_prompts`` (right padding, pooling over real tokens only).
+    """
+    if text.attention_mask is None or text.attention_mask.numel() == 0:
+        return text
+    t = max(int(text.attention_mask.sum(1).max()), 1)
+    return text._replace(input_ids=text.input_ids[:, :t], attention_mask=text.attention_mask[:, :t])
+
+
+def micro_step(engine: DeepSpeedEngine, loss_fn: AlignmentLoss, batch: dict[str, torch.Tensor], text: TextInputs,
+               rand_pos: bool) -> dict:
     """Forward + L_ALI (Eq. 16) over the gathered pool + ``engine.backward`` + ``engine.step``.
 
     Args:
@@ -101,7 +146,8 @@ def micro_step(engine, loss_fn, batch: dict[str, torch.Tensor], text: TextInputs
 _SUMMED = ("loss_sr", "loss_ssc", "loss_vcc", "acc_sr", "rest")
 
 
-def reduce_metrics(micro: list[dict], lm_reduction: str = "mean", device="cpu") -> dict[str, float]:
+def reduce_metrics(micro: list[dict], lm_reduction: str = "mean",
+                   device: torch.device | str = "cpu") -> dict[str, float]:
     """Global metrics of one optimizer step: means over the accumulated micro-batches of every worker.
 
     ``loss_lm`` under ``mean`` reduction is the token-weighted mean over all workers (sum of per-batch

@@ -25,14 +25,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lsvcr_dist.config import dump_yaml
+from lsvcr_dist.train.distributed import gather_objects, rank, world_size
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -49,12 +52,6 @@ EXPORT_FILES = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def find_peft_model(model: nn.Module):
@@ -139,7 +136,7 @@ def _files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def save_checkpoint(engine, model: nn.Module, tmp_dir: str | Path, cfg: Any, state: dict,
+def save_checkpoint(engine: DeepSpeedEngine, model: nn.Module, tmp_dir: str | Path, cfg: Any, state: dict,
                     manifest_path: str | Path | None) -> list[str]:
     """Write this rank's part of a checkpoint into ``tmp_dir`` (then the caller reports it to Ray).
 
@@ -158,21 +155,16 @@ def save_checkpoint(engine, model: nn.Module, tmp_dir: str | Path, cfg: Any, sta
     Returns:
         On rank 0, every relative file path of the merged checkpoint; ``[]`` elsewhere.
     """
-    rank, world = _rank_world()
+    me = rank()
     tmp = Path(tmp_dir)
     tmp.mkdir(parents=True, exist_ok=True)
     tag = f"step_{int(state['step']):08d}"
     engine.save_checkpoint(str(tmp / DS_DIR), tag=tag, client_state={}, exclude_frozen_parameters=True)
-    export_weights(model, tmp, cfg, manifest_path, engine.zero_optimization_stage(), write=rank == 0)
-    if rank == 0:
-        (tmp / STATE).write_text(json.dumps({**state, "ds_tag": tag, "world_size": world}, indent=2))
-    mine = _files_under(tmp)
-    lists: list[Any] = [None] * world
-    if world > 1:
-        dist.all_gather_object(lists, mine)
-    else:
-        lists = [mine]
-    if rank != 0:
+    export_weights(model, tmp, cfg, manifest_path, engine.zero_optimization_stage(), write=me == 0)
+    if me == 0:
+        (tmp / STATE).write_text(json.dumps({**state, "ds_tag": tag, "world_size": world_size()}, indent=2))
+    lists = gather_objects(_files_under(tmp))
+    if me != 0:
         return []
     files = sorted({f for lst in lists for f in lst} | {STATE})
     # Written last: a crash before this line leaves a checkpoint that is never resumed from.
@@ -219,12 +211,12 @@ def find_latest_complete(align_dir: str | Path) -> Path | None:
     return None if best is None else best[2]
 
 
-def _weights_only_load(path: str, map_location=None):
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
     """DeepSpeed's checkpoint-engine ``load`` without unpickling arbitrary objects (the project rule)."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def restore_checkpoint(engine, path: str | Path) -> dict:
+def restore_checkpoint(engine: DeepSpeedEngine, path: str | Path) -> dict:
     """Load model, optimizer and scheduler state into ``engine`` from a complete checkpoint; return its state.
 
     Every rank calls this with the same (shared-storage) path. DeepSpeed's own reader is switched to

@@ -1,4 +1,4 @@
-"""Cross-worker collectives for in-batch negatives: the ONLY autograd all-gather helper of the project.
+"""Cross-worker collectives: the ONLY autograd all-gather of the project and the one set of rank/world helpers.
 
 Gradient convention: every rank computes the mean loss over its own B rows against the gathered pool. The
 all-gather's backward all-reduces (sums) the pool gradient over ranks and keeps this rank's slice, so after the
@@ -11,6 +11,8 @@ has one rank, so single-process code paths need no special casing.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -106,3 +108,27 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ranks (a new floating tensor, no autograd)."""
     out = all_reduce_sum(x if x.is_floating_point() else x.double())
     return out / world_size()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision only rank 0 can take, such as early stopping)."""
+    if not _active():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj`` in rank order (``[obj]`` without a process group)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -10,34 +10,25 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lsvcr_dist.config import AlignStageConfig
+from lsvcr_dist.config import AlignStageConfig, OptimConfig
 
 # steps_per_print is a DeepSpeed logging cadence; our own metrics.jsonl replaces it, so push it out of reach.
 _NO_PRINT = 1_000_000_000
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """Resolve ``auto`` to ``bf16`` on GPU and ``fp32`` on CPU.
+    """``auto`` -> ``bf16`` on GPU and ``fp32`` on CPU; ``bf16`` / ``fp32`` unchanged (the config refuses others).
 
     Args:
-        precision: ``auto``, ``bf16`` or ``fp32``.
+        precision: ``DeepSpeedConfig.precision``.
         device: ``cuda`` or ``cpu`` (a ``cuda:N`` string counts as GPU).
-
-    Returns:
-        ``bf16`` or ``fp32``.
-
-    Raises:
-        ValueError: for ``fp16`` (dynamic loss scaling is not supported here) or an unknown name.
     """
-    if precision == "fp16":
-        raise ValueError("deepspeed.precision=fp16 is not supported (use bf16 on GPU or fp32); no loss scaling here")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"deepspeed.precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "auto":
         return "bf16" if str(device).startswith("cuda") else "fp32"
     return precision
@@ -50,7 +41,7 @@ def build_ds_config(cfg: AlignStageConfig, world_size: int, device: str = "cpu")
     ``global_batch`` samples per step whatever the worker count.
 
     Args:
-        cfg: the alignment stage config (``deepspeed``, ``optim``, ``global_batch``).
+        cfg: the alignment stage config (``deepspeed``, ``optim``, ``global_batch``), validated when built.
         world_size: number of data-parallel workers actually running (may differ from ``scaling.num_workers``
             in tests that build an engine by hand).
         device: ``cpu`` or ``cuda``; picks the precision for ``auto``.
@@ -59,31 +50,11 @@ def build_ds_config(cfg: AlignStageConfig, world_size: int, device: str = "cpu")
         A plain dict for ``deepspeed.initialize(config=...)``.
 
     Raises:
-        ValueError: global batch not divisible by ``micro_batch * world_size``, fp16, an unknown ZeRO stage,
-            ``hpz_partition_size > 1`` without ZeRO-3, or an hpZ size that does not divide the world size.
+        ConfigError: the global batch or the hpZ group does not split over ``world_size``
+            (``AlignStageConfig.grad_accum_steps``).
     """
     ds = cfg.deepspeed
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if ds.micro_batch < 1:
-        raise ValueError(f"deepspeed.micro_batch must be >= 1, got {ds.micro_batch}")
-    per_step = ds.micro_batch * world_size
-    if cfg.global_batch % per_step:
-        raise ValueError(
-            f"global_batch={cfg.global_batch} is not divisible by deepspeed.micro_batch * world_size"
-            f" = {ds.micro_batch} * {world_size}"
-        )
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage must be 0-3, got {ds.zero_stage}")
-    if ds.hpz_partition_size > 1 and ds.zero_stage != 3:
-        raise ValueError(
-            f"deepspeed.hpz_partition_size={ds.hpz_partition_size} needs deepspeed.zero_stage=3 (hpZ is ZeRO++)"
-        )
-    if ds.hpz_partition_size > 1 and world_size % ds.hpz_partition_size:
-        raise ValueError(
-            f"deepspeed.hpz_partition_size={ds.hpz_partition_size} must divide world_size={world_size}"
-        )
-    precision = resolve_precision(ds.precision, device)
+    accum = cfg.grad_accum_steps(world_size)
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -98,12 +69,12 @@ def build_ds_config(cfg: AlignStageConfig, world_size: int, device: str = "cpu")
             zero["zero_hpz_partition_size"] = ds.hpz_partition_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": str(device).startswith("cuda")}
-    config: dict[str, Any] = {
+    return {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": ds.micro_batch,
-        "gradient_accumulation_steps": cfg.global_batch // per_step,
+        "gradient_accumulation_steps": accum,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": resolve_precision(ds.precision, device) == "bf16"},
         "fp16": {"enabled": False},
         "gradient_clipping": float(cfg.optim.grad_clip),
         # We pass torch AdamW (works under every stage); DeepSpeed otherwise insists on its fused optimizers.
@@ -113,7 +84,6 @@ def build_ds_config(cfg: AlignStageConfig, world_size: int, device: str = "cpu")
         "wall_clock_breakdown": False,
         "flops_profiler": {"enabled": False},
     }
-    return config
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -> float:
@@ -123,13 +93,11 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -
         step: optimizer steps taken so far.
         total_steps: planned optimizer steps (``max_steps``).
         warmup_ratio: fraction of ``total_steps`` spent warming up (``ceil``).
-        schedule: ``linear`` (to 0 at ``total_steps``), ``cosine`` (to 0) or ``constant``.
+        schedule: ``linear`` (to 0 at ``total_steps``), ``cosine`` (to 0) or ``constant`` (``OptimConfig.schedule``).
 
     Returns:
         A factor in ``[0, 1]``.
     """
-    if schedule not in ("linear", "cosine", "constant"):
-        raise ValueError(f"optim.schedule must be linear, cosine or constant, got {schedule!r}")
     warmup = math.ceil(warmup_ratio * total_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -142,29 +110,22 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
-
-
-def make_adamw(params, o, device: str = "cpu") -> torch.optim.AdamW:
-    """torch AdamW from an ``OptimConfig`` with the kernel ``o.impl`` picks.
+def make_adamw(params: Iterable[nn.Parameter] | Iterable[dict], optim: OptimConfig,
+               device: str = "cpu") -> torch.optim.AdamW:
+    """torch AdamW from an ``OptimConfig`` with the kernel ``optim.impl`` picks.
 
     ``auto`` = ``fused`` on CUDA (one kernel for all tensors), ``foreach`` on CPU (the paired A/B in
     ``benchmarks/RESULTS.md`` measured no gain from the CPU fused kernel under ZeRO's flat partitions).
 
     Args:
         params: trainable parameters (or param groups).
-        o: ``OptimConfig``.
+        optim: learning rate, betas, eps, weight decay and kernel.
         device: ``cpu`` or ``cuda``.
-
-    Raises:
-        ValueError: an unknown ``optim.impl``.
     """
-    if o.impl not in ADAMW_IMPLS:
-        raise ValueError(f"optim.impl must be one of {ADAMW_IMPLS}, got {o.impl!r}")
-    impl = o.impl if o.impl != "auto" else ("fused" if str(device).startswith("cuda") else "foreach")
+    impl = optim.impl if optim.impl != "auto" else ("fused" if str(device).startswith("cuda") else "foreach")
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                             **kernel)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, **kernel)
 
 
 def build_optimizer(model: nn.Module, cfg: AlignStageConfig, device: str = "cpu") -> torch.optim.Optimizer:

@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from lsvcr_dist.config import from_dict, to_dict
+from lsvcr_dist.config import FinetuneStageConfig, from_dict, to_dict
 from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
+from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best, store_dir
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
+from lsvcr_dist.train.distributed import all_reduce_mean, broadcast_flag, rank, world_size
 from lsvcr_dist.train.engine import make_adamw
-from lsvcr_dist.train.ft_setup import build_finetune_model, load_text_table, save_best, store_dir
 
 SELECT_METRIC = "ndcg@10"
+VAL_BATCH = 256
+"""Validation rows scored per forward pass (memory only: the metrics do not depend on it)."""
 
 
 def task_dir(run_dir: str | Path, task: str) -> Path:
@@ -34,33 +38,26 @@ def task_dir(run_dir: str | Path, task: str) -> Path:
     return Path(run_dir) / "finetune" / task
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _mean_across(x: float) -> float:
-    rank, world = _world()
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / world
+    """Mean of ``x`` over the workers (float64)."""
+    return float(all_reduce_mean(torch.tensor([x], dtype=torch.float64)))
 
 
-def _broadcast_flag(flag: bool) -> bool:
-    rank, world = _world()
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.broadcast(t, 0)
-    return bool(t.item())
+def train_step(ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: str, task_loss: nn.Module,
+               ft_loss: FinetuneLoss, opt: torch.optim.Optimizer, generator: torch.Generator,
+               grad_clip: float = 0.0) -> dict:
+    """One optimizer step; returns the loss metrics (this worker's values).
 
-
-def train_step(ddp_model, batch: dict[str, torch.Tensor], task: str, task_loss, ft_loss, opt,
-               generator: torch.Generator, grad_clip: float = 0.0) -> dict:
-    """One optimizer step; returns the loss metrics (local values)."""
+    Args:
+        ddp_model: the task model (DDP-wrapped) returning ``(s [B, d], candidates, reg)`` with ``train=True``.
+        batch: FINETUNE_BATCH tensors ``[B, ...]``.
+        task: ``video`` (targets = ``target_video``) or ``comment`` (positives = ``train_comment_cands > 0``).
+        task_loss: L_VRT (Eq. 18) or the in-video comment cross-entropy.
+        ft_loss: adds eta * L_REG (Eq. 19).
+        opt: AdamW.
+        generator: draws the L_REG negatives.
+        grad_clip: global gradient-norm clip; 0 = off.
+    """
     s, cand, reg = ddp_model(batch, train=True)
     if task == "video":
         loss_task, _ = task_loss(s, cand, batch["target_video"])
@@ -80,56 +77,96 @@ def _log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker entry: reads only ``config`` = ``{"cfg": to_dict(FinetuneStageConfig), "task": str}``."""
-    import ray.train
+@dataclass
+class FinetuneWorker:
+    """What one fine-tune worker built in ``setup``."""
+
+    cfg: FinetuneStageConfig
+    """The resolved config, rebuilt from the loop argument."""
+    task: str
+    """``video`` or ``comment``: one model per task."""
+    model: nn.Module
+    """The task's scorer (``FinetuneModel`` or a baseline); what rank 0 validates and saves."""
+    ddp: nn.Module
+    """``model`` wrapped by ``ray.train.torch.prepare_model`` (DDP): what trains."""
+    build_args: dict
+    """``build_sr_model`` kwargs, saved beside the best weights so evaluation rebuilds the model."""
+    store: Path
+    """The text-vector store the model reads (aligned, or base for 'w/o Alignment')."""
+    opt: torch.optim.Optimizer
+    """AdamW over the trainable parameters."""
+    task_loss: nn.Module
+    """L_VRT (Eq. 18) for video, the in-video comment cross-entropy for comment."""
+    ft_loss: FinetuneLoss
+    """L_FT = task loss + eta * L_REG (Eq. 19)."""
+    gen: torch.Generator
+    """Draws the L_REG negatives; seeded per rank."""
+    out_dir: Path
+    """``run_dir/finetune/<task>``: ``best/`` and ``metrics.jsonl``."""
+    t0: float
+    """Start time (``timeout_s`` and the logged ``time_s``)."""
+    best: float = -1.0
+    """Best validation ``SELECT_METRIC`` so far (rank 0)."""
+
+
+def setup(config: dict) -> FinetuneWorker:
+    """Build the task model (aligned SR weights + frozen aligned text table, or random init + base store), DDP,
+    AdamW and the losses; rank 0 starts a fresh ``metrics.jsonl``."""
     import ray.train.torch
 
     cfg = from_dict("finetune", config["cfg"])
     task = config["task"]
-    run_dir, data_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "data"
-    rank, world = _world()
+    run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
-    man = read_manifest(data_dir)
-    dims = dims_of(man)
+    man = read_manifest(run_dir / "data")
     store = store_dir(run_dir, cfg.init)
     model, build_args = build_finetune_model(
         cfg, task, num_videos=int(man["num_videos"]), text_table=load_text_table(store),
-        align_final=run_dir / "align" / "final", la=dims["LA"],
+        align_final=run_dir / "align" / "final", la=dims_of(man)["LA"],
         generator=torch.Generator().manual_seed(cfg.seed))
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    core = model  # prepare_model wraps `model` without copying its parameters
-    params = [p for p in ddp.parameters() if p.requires_grad]
-    o = cfg.optim
-    opt = make_adamw(params, o, "cuda" if torch.cuda.is_available() else "cpu")
+    params = [p for p in ddp.parameters() if p.requires_grad]  # prepare_model wraps `model` without copying them
+    opt = make_adamw(params, cfg.optim, "cuda" if torch.cuda.is_available() else "cpu")
     task_loss = VRTLoss(cfg.loss.tau) if task == "video" else CommentRankLoss(cfg.loss.tau)
-    ft_loss = FinetuneLoss.from_config(cfg.loss)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    out_dir = task_dir(run_dir, task)
-    log_path = out_dir / "metrics.jsonl"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")  # a rerun starts a fresh curve
-    per_worker = max(1, cfg.batch_size // world)
+    w = FinetuneWorker(cfg, task, model, ddp, build_args, store, opt, task_loss, FinetuneLoss.from_config(cfg.loss),
+                       torch.Generator().manual_seed(cfg.seed * 1000 + rank()), task_dir(run_dir, task), time.time())
+    if rank() == 0:
+        w.out_dir.mkdir(parents=True, exist_ok=True)
+        (w.out_dir / "metrics.jsonl").write_text("")  # a rerun starts a fresh curve
+    return w
+
+
+def validate(w: FinetuneWorker, epoch: int, train_metrics: dict) -> bool:
+    """Rank 0: val metrics, best-model save, log line; returns whether this epoch improved."""
+    data_dir = Path(w.cfg.run_dir) / "data"
+    res = evaluate_model(w.model, data_dir, "val", w.task, batch_size=VAL_BATCH, subsets=False)["metrics"]
+    improved = res[SELECT_METRIC] > w.best
+    if improved:
+        w.best = res[SELECT_METRIC]
+        save_best(w.out_dir / "best", w.model, w.cfg, w.build_args, {"epoch": epoch, "val": res},
+                  manifest_path(data_dir), w.store, kind=w.cfg.model)
+    _log(w.out_dir / "metrics.jsonl", {"epoch": epoch, **train_metrics, "val": res, "best": w.best,
+                                       "time_s": time.time() - w.t0})
+    return improved
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry: reads only ``config`` = ``{"cfg": to_dict(FinetuneStageConfig), "task": str}``.
+
+    Epoch 0 validates the model before fine-tuning (the "did it learn" reference); then every epoch trains on this
+    worker's shard, validates on rank 0 and stops on every rank after ``patience`` epochs without a better
+    validation NDCG@10 (or past ``timeout_s``).
+    """
+    import ray.train
+
+    w = setup(config)
+    cfg, ddp = w.cfg, w.ddp
+    per_worker = cfg.batch_size // world_size()  # >= 1: the config holds batch_size >= num_workers
     shard = ray.train.get_dataset_shard("train")
-    t0 = time.time()
-
-    def validate(epoch: int, train_metrics: dict) -> bool:
-        """Rank 0: val metrics, best-model save, log line; returns whether this epoch improved."""
-        res = evaluate_model(core, data_dir, "val", task, batch_size=256, subsets=False)["metrics"]
-        nonlocal best
-        improved = res[SELECT_METRIC] > best
-        if improved:
-            best = res[SELECT_METRIC]
-            save_best(out_dir / "best", core, cfg, build_args, {"epoch": epoch, "val": res},
-                      manifest_path(data_dir), store, kind=cfg.model)
-        _log(log_path, {"epoch": epoch, **train_metrics, "val": res, "best": best, "time_s": time.time() - t0})
-        return improved
-
-    best, bad = -1.0, 0
-    if rank == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
+    bad = 0
+    if rank() == 0:
         ddp.eval()
-        validate(0, {"loss": None})
+        validate(w, 0, {"loss": None})
     for epoch in range(1, cfg.max_epochs + 1):
         ddp.train()
         sums, steps = {}, 0
@@ -139,25 +176,25 @@ def train_loop_per_worker(config: dict) -> None:
                                       if cfg.ingest.local_shuffle_buffer else None,
                                       prefetch_batches=cfg.ingest.prefetch_batches)
         for batch in it:
-            m = train_step(ddp, batch, task, task_loss, ft_loss, opt, gen, o.grad_clip)
+            m = train_step(ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
         train_metrics = {k: _mean_across(v / max(steps, 1)) for k, v in sums.items()}
         train_metrics["steps"] = steps
         stop = False
-        if rank == 0:
+        if rank() == 0:
             ddp.eval()
-            bad = 0 if validate(epoch, train_metrics) else bad + 1
-            stop = bad >= cfg.patience or (time.time() - t0) > cfg.timeout_s
-        stop = _broadcast_flag(stop)
+            bad = 0 if validate(w, epoch, train_metrics) else bad + 1
+            stop = bad >= cfg.patience or (time.time() - w.t0) > cfg.timeout_s
+        stop = broadcast_flag(stop)
         ray.train.report({"epoch": epoch, **{k: v for k, v in train_metrics.items() if v is not None},
-                          "best_val_" + SELECT_METRIC: best if rank == 0 else -1.0})
+                          "best_val_" + SELECT_METRIC: w.best if rank() == 0 else -1.0})
         if stop:
             break
 
 
-def build_train_dataset(cfg, task: str):
+def build_train_dataset(cfg: FinetuneStageConfig, task: str):
     """Streamed training rows of one task with the training-mode FinetuneTransform applied."""
     import ray.data
 
@@ -171,7 +208,7 @@ def build_train_dataset(cfg, task: str):
                           num_cpus=0.5)
 
 
-def fit_task(cfg, task: str) -> dict:
+def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
     """Driver side: fine-tune one task with a ``TorchTrainer`` (plain DDP), return the best validation metrics.
 
     Raises:
@@ -180,11 +217,6 @@ def fit_task(cfg, task: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.model != "lsvcr" and cfg.init != "scratch":
-        raise ValueError(f"finetune.model={cfg.model} is a baseline: set finetune.init=scratch (it reads the base store)")
-    if cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio > 0:
-        raise ValueError("finetune.optim: only a constant learning rate without warm-up is implemented (the public"
-                         f" code's); got schedule={cfg.optim.schedule!r}, warmup_ratio={cfg.optim.warmup_ratio}")
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     trainer = TorchTrainer(

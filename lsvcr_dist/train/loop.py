@@ -15,20 +15,47 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 
-from lsvcr_dist.config import from_dict
-from lsvcr_dist.train.align_run import dataset_name
-from lsvcr_dist.train.align_step import micro_step, reduce_metrics, seed_micro_step, text_inputs, to_tensors
-from lsvcr_dist.train.bench import trim_prompts, trim_text  # [engineer F hook]
+from lsvcr_dist.config import AlignStageConfig, from_dict
+from lsvcr_dist.losses import AlignmentLoss
+from lsvcr_dist.train.align_step import (
+    micro_step,
+    reduce_metrics,
+    seed_micro_step,
+    text_inputs,
+    to_tensors,
+    trim_prompts,
+    trim_text,
+)
 from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
+from lsvcr_dist.train.distributed import barrier
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 FAULT_ENV = "LSVCR_FAULT_INJECT"
+LOGGED = ("loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr")
+"""Step metrics written to ``metrics.jsonl`` beside step, epoch, lr, throughput and pool size."""
+
+
+def dataset_name(epoch: int, draws: int) -> str:
+    """Ray Train dataset the loop streams in ``epoch``: ``train`` for draw 0, else ``train_draw{k}``, k = epoch % draws.
+
+    The name depends on the epoch and ``ingest.epoch_draws`` only (not on ``max_steps``), so a resumed run with a
+    longer schedule reads the same draw at the same epoch. The driver (``align_run.build_align_datasets``) names the
+    datasets it hands to the trainer with the same function.
+    """
+    k = epoch % draws
+    return "train" if k == 0 else f"train_draw{k}"
 
 
 class InjectedFault(RuntimeError):
@@ -48,18 +75,30 @@ class Position:
 class Worker:
     """Everything one worker built in ``setup``."""
 
-    cfg: object
+    cfg: AlignStageConfig
+    """The resolved config, rebuilt from the loop argument."""
     rank: int
+    """This worker's rank in the Ray Train group."""
     world: int
+    """Workers in the group: the contrastive pool is ``micro_batch * world`` rows."""
     device: torch.device
-    engine: object
-    loss_fn: object
-    encode_texts: object
+    """Where the engine and the batches live."""
+    engine: DeepSpeedEngine
+    """The DeepSpeed engine wrapping the ``AlignModel`` (and its AdamW and LR schedule)."""
+    loss_fn: AlignmentLoss
+    """L_ALI (Eq. 16) over the gathered pool."""
+    encode_texts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None
+    """Text ids ``[U]`` -> token ids and mask ``[U, T]`` (``text_source=online``); None for the store source."""
     num_videos: int
+    """Comment text-id offset (data manifest)."""
     accum: int
+    """Micro-batches per optimizer step on this worker (``AlignStageConfig.grad_accum_steps``)."""
     align_dir: Path
+    """``run_dir/align``: metrics, checkpoints, ``final/``."""
     manifest_path: Path
+    """The data manifest copied into every checkpoint."""
     fault_inject: str = ""
+    """``step:N`` test hook (see ``maybe_inject_fault``); empty = off."""
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -210,6 +249,56 @@ def _batches(w: Worker, epoch: int):
         yield batch
 
 
+class Throughput:
+    """Samples and tokens since the last metric line, turned into rates when the line is written."""
+
+    def __init__(self) -> None:
+        self.t_last, self.samples, self.tokens = time.time(), 0.0, 0.0
+
+    def add(self, reduced: dict[str, float]) -> None:
+        """Count one optimizer step's ``samples`` and ``tokens`` (every worker's, from ``reduce_metrics``)."""
+        self.samples += reduced["samples"]
+        self.tokens += reduced["tokens"]
+
+    def rates(self) -> dict[str, float]:
+        """``samples_per_s`` and ``tokens_per_s`` since the last call (or construction), then start over."""
+        dt = max(time.time() - self.t_last, 1e-9)
+        out = {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt}
+        self.t_last, self.samples, self.tokens = time.time(), 0.0, 0.0
+        return out
+
+
+def end_of_step(w: Worker, pos: Position, reduced: dict[str, float], meter: Throughput) -> None:
+    """After optimizer step ``pos.step``: fault hook, then a metric line and a checkpoint or a plain report when due."""
+    maybe_inject_fault(w, pos.step)
+    meter.add(reduced)
+    cfg = w.cfg
+    ckpt_now = pos.step % cfg.checkpoint.every_steps == 0 or pos.step >= cfg.max_steps
+    if not (pos.step % cfg.log_every == 0 or ckpt_now):
+        return
+    metrics = {"step": pos.step, "epoch": pos.epoch, **{k: reduced[k] for k in LOGGED},
+               "lr": float(w.engine.get_lr()[0]), **meter.rates(),
+               "pool_size": cfg.deepspeed.micro_batch * w.world, "world_size": w.world}
+    log_metrics(w, metrics)
+    if ckpt_now:
+        checkpoint(w, pos, metrics)
+    else:
+        ray.train.report(metrics)
+
+
+def finish(w: Worker, pos: Position, fp_start: list[float]) -> None:
+    """Write ``run_dir/align/final`` (collective under ZeRO-3) and rank 0's ``train_summary.json``."""
+    zero = w.engine.zero_optimization_stage()
+    final = write_final(w.engine.module, w.align_dir, w.cfg, w.manifest_path, zero, write=w.rank == 0)
+    fp_end = base_fingerprint(w.engine.module, zero)
+    if w.rank == 0:
+        n_train = sum(p.numel() for p in w.engine.module.parameters() if p.requires_grad)
+        (final / "train_summary.json").write_text(json.dumps({
+            "step": pos.step, "epoch": pos.epoch, "world_size": w.world, "zero_stage": zero,
+            "trainable_params": n_train, "base_fingerprint_start": fp_start, "base_fingerprint_end": fp_end}))
+    barrier()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: ``config`` is ``to_dict(AlignStageConfig)`` (+ optional ``_resume_from``, ``_fault_inject``).
 
@@ -219,13 +308,12 @@ def train_loop_per_worker(config: dict) -> None:
     """
     w, pos = setup(config)
     cfg = w.cfg
-    zero = w.engine.zero_optimization_stage()
-    fp_start = base_fingerprint(w.engine.module, zero)
+    fp_start = base_fingerprint(w.engine.module, w.engine.zero_optimization_stage())
     if pos.step >= cfg.max_steps:
         print(f"[align] rank {w.rank}: already at step {pos.step} >= max_steps={cfg.max_steps}")
     pending: list[dict] = []
     skip, micro_index = pos.micro_in_epoch, pos.step * w.accum
-    t_last, samples, tokens = time.time(), 0.0, 0.0
+    meter = Throughput()
     while pos.step < cfg.max_steps:
         pos.micro_in_epoch = 0
         for batch in _batches(w, pos.epoch):
@@ -235,7 +323,7 @@ def train_loop_per_worker(config: dict) -> None:
             seed_micro_step(cfg.seed, w.rank, micro_index)
             batch_t = to_tensors(batch, w.device)
             text = text_inputs(batch, w.num_videos, w.encode_texts, w.device)
-            if cfg.trim_padding:  # [engineer F hook] exact cut of right padding (benchmarks/RESULTS.md, issue 6)
+            if cfg.trim_padding:  # exact: the cut columns are right padding (benchmarks/RESULTS.md measures the gain)
                 batch_t, text = trim_prompts(batch_t), trim_text(text)
             pending.append(micro_step(w.engine, w.loss_fn, batch_t, text, cfg.rand_pos))
             micro_index += 1
@@ -243,24 +331,9 @@ def train_loop_per_worker(config: dict) -> None:
             if len(pending) < w.accum:
                 continue
             pos.step += 1
-            red = reduce_metrics(pending, cfg.loss.lm_reduction, w.device)
+            reduced = reduce_metrics(pending, cfg.loss.lm_reduction, w.device)
             pending = []
-            maybe_inject_fault(w, pos.step)
-            samples += red["samples"]
-            tokens += red["tokens"]
-            ckpt_now = pos.step % cfg.checkpoint.every_steps == 0 or pos.step >= cfg.max_steps
-            if pos.step % cfg.log_every == 0 or ckpt_now:
-                dt = max(time.time() - t_last, 1e-9)
-                metrics = {"step": pos.step, "epoch": pos.epoch, **{k: red[k] for k in (
-                    "loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr")},
-                    "lr": float(w.engine.get_lr()[0]), "samples_per_s": samples / dt, "tokens_per_s": tokens / dt,
-                    "pool_size": cfg.deepspeed.micro_batch * w.world, "world_size": w.world}
-                t_last, samples, tokens = time.time(), 0.0, 0.0
-                log_metrics(w, metrics)
-                if ckpt_now:
-                    checkpoint(w, pos, metrics)
-                else:
-                    ray.train.report(metrics)
+            end_of_step(w, pos, reduced, meter)
             if pos.step >= cfg.max_steps:
                 break
         if pos.micro_in_epoch == 0 and skip == 0:
@@ -270,12 +343,4 @@ def train_loop_per_worker(config: dict) -> None:
         skip = 0
         if pos.step < cfg.max_steps:
             pos.epoch += 1
-    final = write_final(w.engine.module, w.align_dir, cfg, w.manifest_path, zero, write=w.rank == 0)
-    fp_end = base_fingerprint(w.engine.module, zero)
-    if w.rank == 0:
-        n_train = sum(p.numel() for p in w.engine.module.parameters() if p.requires_grad)
-        (final / "train_summary.json").write_text(json.dumps({
-            "step": pos.step, "epoch": pos.epoch, "world_size": w.world, "zero_stage": zero,
-            "trainable_params": n_train, "base_fingerprint_start": fp_start, "base_fingerprint_end": fp_end}))
-    if dist.is_initialized():
-        dist.barrier()
+    finish(w, pos, fp_start)

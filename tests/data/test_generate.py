@@ -157,12 +157,10 @@ def test_readers_and_commenters(tiny):
 def test_impossible_sizes_rejected(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"num_video_inter=6000 < 4 \* num_users = 8000"):
         _cfg(tmp_path, "generate.num_users=2000")
-    with pytest.raises(ConfigError, match=r"generate.days must be >= 3"):
+    with pytest.raises(ConfigError, match=r"'days' must be >= 3, got 2"):
         _cfg(tmp_path, "generate.days=2")
-    cfg = _cfg(tmp_path)
-    cfg.num_comments = 0  # edited after construction: generate_logs checks again before writing anything
-    with pytest.raises(ConfigError, match=r"generate.num_comments must be >= 1, got 0"):
-        generate_logs(cfg)
+    with pytest.raises(ConfigError, match=r"'num_comments' must be >= 1, got 0"):
+        _cfg(tmp_path, "generate.num_comments=0")
     assert not (tmp_path / "raw").exists()
 
 

@@ -107,7 +107,7 @@ def text_table(dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
 
 
 def write_store(path: Path, table: torch.Tensor) -> Path:
-    """Write ``table`` as an EmbeddingStore (engineer B's writer)."""
+    """Write ``table`` as an EmbeddingStore with the library's own writer."""
     from lsvcr_dist.embeddings import EmbeddingWriter
 
     w = EmbeddingWriter(path, table.shape[1], V, C, shard_rows=64, meta={"projected": True})

@@ -13,13 +13,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _ft_fakes as F  # noqa: E402
 
-from lsvcr_dist.data.ft_transforms import FinetuneTransform, keep_recent  # noqa: E402
+from lsvcr_dist.data.ft_transforms import FinetuneTransform  # noqa: E402
+from lsvcr_dist.data.history import keep_recent  # noqa: E402
 from lsvcr_dist.evaluate import evaluate_model, iter_split  # noqa: E402
+from lsvcr_dist.finetuned import (  # noqa: E402
+    FinetuneSetupError, build_finetune_model, load_finetuned, save_best)
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss  # noqa: E402
 from lsvcr_dist.models.finetune_model import CheckpointShapeError  # noqa: E402
 from lsvcr_dist.train.finetune_loop import train_step  # noqa: E402
-from lsvcr_dist.train.ft_setup import (  # noqa: E402
-    FinetuneSetupError, build_finetune_model, load_finetuned, save_best)
 
 
 @pytest.fixture()

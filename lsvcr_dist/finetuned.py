@@ -1,4 +1,7 @@
-"""Fine-tune model set-up and self-describing best-model checkpoints (no Ray: also used by evaluate and serve).
+"""Fine-tuned models: set-up from the aligned weights (or scratch) and self-describing best-model folders.
+
+No Ray and no training here: the fine-tune workers (``train/finetune_loop.py``) build and save models with these
+functions, and evaluation reads them back, so evaluation never depends on the training layer.
 
 A fine-tuned task folder ``run_dir/finetune/<task>/best/`` holds::
 
@@ -16,14 +19,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lsvcr_dist.config import dump_yaml
+from lsvcr_dist.config import FinetuneStageConfig, SRConfig, dump_yaml
+from lsvcr_dist.embeddings import EmbeddingStore
 from lsvcr_dist.models.builders import build_sr_model
 from lsvcr_dist.models.finetune_model import FinetuneModel, prepare_aligned_state
 
@@ -35,22 +38,21 @@ class FinetuneSetupError(RuntimeError):
 
 
 def store_dir(run_dir: str | Path, init: str) -> Path:
-    """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment'."""
-    if init not in ("align", "scratch"):  # baselines run with init=scratch
-        raise FinetuneSetupError(f"finetune.init must be 'align' or 'scratch', got {init!r}")
+    """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment'.
+
+    ``init`` is ``FinetuneStageConfig.init`` (``align`` or ``scratch``; baselines run with ``scratch``).
+    """
     return Path(run_dir) / "embeddings" / ("aligned" if init == "align" else "base")
 
 
 def load_text_table(path: str | Path) -> torch.Tensor:
     """The whole store as a float32 ``[1 + V + C, Din]`` tensor (row 0 zeros)."""
-    from lsvcr_dist.embeddings import EmbeddingStore  # engineer B's store; imported late so stand-ins can be used
-
     if not (Path(path) / "manifest.json").is_file():
         raise FinetuneSetupError(f"{path}: embedding store missing (run jobs/encode_text.py)")
     return EmbeddingStore.open(str(path)).as_tensor().float()
 
 
-def sr_build_args(sr_cfg: Any, *, text_in_dim: int, use_text_mlp: bool, num_videos: int) -> dict:
+def sr_build_args(sr_cfg: SRConfig, *, text_in_dim: int, use_text_mlp: bool, num_videos: int) -> dict:
     """Plain ``build_sr_model`` kwargs from an ``SRConfig`` plus the data-dependent values."""
     return dict(text_in_dim=int(text_in_dim), dim=sr_cfg.dim, n_layers=sr_cfg.n_layers, n_heads=sr_cfg.n_heads,
                 inner_size=sr_cfg.inner_size, dropout=sr_cfg.dropout, max_position=sr_cfg.max_position,
@@ -69,7 +71,7 @@ def aligned_trained_positions(align_final: Path, la: int) -> int | None:
     return None if acfg.get("rand_pos", True) else int(la)
 
 
-def build_finetune_model(cfg: Any, task: str, *, num_videos: int, text_table: torch.Tensor,
+def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int, text_table: torch.Tensor,
                          align_final: str | Path | None = None, la: int = 20, generator: torch.Generator | None = None,
                          ) -> tuple[FinetuneModel, dict]:
     """The task's FinetuneModel, initialised from the aligned SR weights (``init=align``) or at random (``scratch``).
@@ -109,14 +111,15 @@ def build_finetune_model(cfg: Any, task: str, *, num_videos: int, text_table: to
             raise FinetuneSetupError("init=align needs the aligned SR weights folder")
         path = Path(align_final) / "sr.safetensors"
         if not path.is_file():
-            raise FinetuneSetupError(f"{path}: aligned SR weights missing (run jobs/align.py, or finetune.init=scratch)")
+            raise FinetuneSetupError(f"{path}: aligned SR weights missing (run jobs/align.py, or"
+                                     " finetune.init=scratch)")
         state = prepare_aligned_state(sr, load_file(str(path)), str(path),
                                       aligned_trained_positions(Path(align_final), la))
         sr.load_aligned_state(state, position_mode=cfg.position_extension, generator=generator)
     return FinetuneModel(sr, text_table, num_videos, task, tau=cfg.loss.tau), args
 
 
-def save_best(out_dir: str | Path, model: FinetuneModel, cfg: Any, build_args: dict, meta: dict,
+def save_best(out_dir: str | Path, model: nn.Module, cfg: FinetuneStageConfig, build_args: dict, meta: dict,
               manifest_path: str | Path | None, text_store: str | Path, kind: str = "lsvcr") -> Path:
     """Write the selected model into ``out_dir`` atomically (``out_dir.tmp`` then rename; COMPLETE last)."""
     out = Path(out_dir)

@@ -1,13 +1,14 @@
-"""Timed alignment-step workers for ``benchmarks/align_throughput.py`` (issue 6): ours vs the reference recipe.
+"""Timed alignment-step workers of ``benchmarks/align_throughput.py``: ours vs the public code's recipe.
 
-Both workers build the REAL alignment model and engine from engineer D's building blocks (``build_align_model``,
-``initialize_engine``, ``align_step.to_tensors`` / ``text_inputs``, ``losses.AlignmentLoss``) and time one
-micro-step section by section (``timed_micro_step``), so the breakdown (data wait, text tokenization, forward,
-all-gather, loss, backward, optimizer) is explicit instead of hidden in ``align_step.micro_step``.
+Both workers build the real alignment model and engine with the library's own builders (``build_align_model``,
+``initialize_engine``, ``align_step.to_tensors`` / ``text_inputs`` / ``trim_prompts`` / ``trim_text``,
+``losses.AlignmentLoss``) and time one micro-step section by section (``timed_micro_step``), so the breakdown (data
+wait, text tokenization, forward, all-gather, loss, backward, optimizer) is explicit instead of hidden in
+``align_step.micro_step``.
 
 * ``ray_bench_worker``: Ray Train worker. Batches stream from the Ray Data shard (``get_dataset_shard``), the
   contrastive pool is all-gathered across workers, prompts and texts are trimmed to the longest real length of the
-  micro-batch (``trim_prompts`` / ``trim_text``), logits only at target positions (``LLMRecommender``).
+  micro-batch, logits only at target positions (``LLMRecommender``).
 * ``reference_bench_worker``: the public code's way, a ``torch.multiprocessing`` spawn entry (one gloo/nccl process
   group, as the DeepSpeed launcher would): pre-transformed batches from a plain in-memory list, negatives local to
   each worker (no all-gather), prompts padded to the maximum, full-vocabulary logits at every position
@@ -25,48 +26,32 @@ import os
 import resource
 import time
 import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lsvcr_dist.config import AlignStageConfig
 from lsvcr_dist.flops import LLMShape, StepCounts, align_step_flops, cpu_matmul_probe, mfu, peak_flops_for_device
+from lsvcr_dist.losses import AlignmentLoss
+from lsvcr_dist.models.align_model import TextInputs
+from lsvcr_dist.train import distributed
 
-PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt_labels")
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 SECTIONS = ("data_wait", "text_tokenize", "forward", "rank_skew", "all_gather", "loss", "backward", "optimizer")
 
 
-# ------------------------------------------------------------------------------------------------ speed work
-def trim_prompts(batch: dict) -> dict:
-    """Cut the right padding of the ``[B, T]`` prompt columns to the longest real prompt of the micro-batch.
-
-    Exact: prompts are right-padded and attention is causal, so real positions never see the cut columns, and
-    labels there are -100. ``prompt_last_index`` (< the real length) is unchanged.
-
-    Args:
-        batch: ALIGN batch (tensors or ndarrays) with ``PROMPT_KEYS`` ``[B, T]``.
-
-    Returns:
-        A new dict whose prompt columns are ``[B, T']`` with ``T' = max(prompt_attention_mask.sum(1))`` (>= 1).
-    """
-    mask = batch["prompt_attention_mask"]
-    t = int(mask.sum(1).max()) if len(mask) else 1
-    out = dict(batch)
-    for k in PROMPT_KEYS:
-        out[k] = batch[k][:, : max(t, 1)]
-    return out
-
-
-def trim_text(text):
-    """``TextInputs`` with ``input_ids`` / ``attention_mask`` ``[U, T]`` cut to the longest real text (>= 1)."""
-    if text.attention_mask is None or text.attention_mask.numel() == 0:
-        return text
-    t = max(int(text.attention_mask.sum(1).max()), 1)
-    return text._replace(input_ids=text.input_ids[:, :t], attention_mask=text.attention_mask[:, :t])
-
-
-def full_vocab_forward(self, prompt_input_ids, prompt_attention_mask, prompt_labels, prompt_last_index):
+# ------------------------------------------------------------------------------------------------ reference recipe
+def full_vocab_forward(self: nn.Module, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
+                       prompt_labels: torch.Tensor, prompt_last_index: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``LLMRecommender.forward`` computed the public code's way: fp32 logits ``[B, T, V]`` at EVERY position.
 
     Same loss and ``s~`` as the trimmed version (up to float rounding); bound onto a recommender instance with
@@ -107,7 +92,7 @@ class SectionTimer:
         self._t = now
 
 
-def batch_counts(batch: dict, text, n_target_tokens: int, logit_positions: int | None = None) -> StepCounts:
+def batch_counts(batch: dict, text: TextInputs, n_target_tokens: int, logit_positions: int | None = None) -> StepCounts:
     """Real-token counts of one micro-batch (``flops.StepCounts``)."""
     lens = batch["prompt_attention_mask"].sum(1).tolist()
     tl = text.attention_mask.sum(1).tolist() if text.attention_mask is not None else []
@@ -117,8 +102,8 @@ def batch_counts(batch: dict, text, n_target_tokens: int, logit_positions: int |
                       logit_positions=logit_positions, sr_positions=b * (lh * (3 + k) + 2))
 
 
-def timed_micro_step(engine, loss_fn, batch: dict, text, rand_pos: bool, timer: SectionTimer,
-                     gather: bool = True) -> dict:
+def timed_micro_step(engine: DeepSpeedEngine, loss_fn: AlignmentLoss, batch: dict, text: TextInputs, rand_pos: bool,
+                     timer: SectionTimer, gather: bool = True) -> dict:
     """One micro-step (forward, pool, L_ALI, backward, step) with a lap per section.
 
     Args:
@@ -168,32 +153,83 @@ def _peak_memory_bytes(cuda: bool) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _build(cfg, data_dir: str, world: int, device: str, steps_total: int, reference: bool):
+@dataclass
+class BenchParts:
+    """What ``build_parts`` made in one process: everything a timed micro-step needs beside the batch."""
+
+    model: nn.Module
+    """The ``AlignModel`` (its ``llm.forward`` swapped for ``full_vocab_forward`` in the reference recipe)."""
+    engine: DeepSpeedEngine
+    """DeepSpeed engine wrapping ``model``."""
+    loss_fn: AlignmentLoss
+    """L_ALI (Eq. 16)."""
+    encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None
+    """Text ids ``[U]`` -> token ids and mask ``[U, T]`` (online text source), None for the store source."""
+    num_videos: int
+    """Comment text-id offset (data manifest)."""
+
+
+def build_parts(cfg: AlignStageConfig, data_dir: str, world: int, device: str, steps_total: int,
+                reference: bool) -> BenchParts:
+    """Model, engine, loss and text tokenizer built with the library's builders, in this process's group."""
     from lsvcr_dist.data.manifest import read_manifest
     from lsvcr_dist.data.transforms import TextTokenizer
-    from lsvcr_dist.losses import AlignmentLoss
     from lsvcr_dist.models.align_model import build_align_model
     from lsvcr_dist.train.engine import initialize_engine
 
     num_videos = int(read_manifest(data_dir)["num_videos"])
-    tok, model = build_align_model(cfg, num_videos)
+    _, model = build_align_model(cfg, num_videos)
     if reference:
         model.llm.forward = types.MethodType(full_vocab_forward, model.llm)
     engine, _ = initialize_engine(model, cfg, world, device, steps_total)
     encode = TextTokenizer.from_data_dir(data_dir, cfg.llm).tokenize if cfg.text_source == "online" else None
-    return model, engine, AlignmentLoss.from_config(cfg.loss), encode, num_videos
+    return BenchParts(model, engine, AlignmentLoss.from_config(cfg.loss), encode, num_videos)
 
 
-def run_window(cfg, data_dir: str, batches, warmup: int, steps: int, *, reference: bool, trim: bool,
-               peak_flops: float = 0.0, threads: int = 0) -> dict:
+@dataclass
+class Window:
+    """Counters of the timed micro-steps (reset after warm-up) and the loss of every micro-step."""
+
+    timer: SectionTimer
+    """Seconds per section."""
+    counts: StepCounts = field(default_factory=StepCounts)
+    """Real tokens (no padding): what FLOPs are counted from."""
+    processed_prompt_tokens: int = 0
+    """Prompt tokens the kernels saw, padding included."""
+    processed_text_tokens: int = 0
+    """Text-encoder tokens the kernels saw, padding included."""
+
+
+def timed_step(parts: BenchParts, cfg: AlignStageConfig, raw: dict, index: int, device: str, window: Window, *,
+               reference: bool, trim: bool) -> float:
+    """One timed micro-step on the numpy ALIGN batch ``raw`` (data wait already lapped); returns its loss."""
+    from lsvcr_dist.train.align_step import seed_micro_step, text_inputs, to_tensors, trim_prompts, trim_text
+
+    seed_micro_step(cfg.seed, distributed.rank(), index)
+    batch = to_tensors(raw, device)
+    text = text_inputs(raw, parts.num_videos, parts.encode, device)
+    if trim:
+        batch, text = trim_prompts(batch), trim_text(text)
+    window.timer.lap("text_tokenize")
+    m = timed_micro_step(parts.engine, parts.loss_fn, batch, text, cfg.rand_pos, window.timer, gather=not reference)
+    if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"rank {distributed.rank()}: non-finite loss {m['loss']} at micro-step {index}")
+    window.counts.add(batch_counts(batch, text, m["n_target_tokens"]))
+    window.processed_prompt_tokens += batch["prompt_input_ids"].numel()
+    window.processed_text_tokens += text.input_ids.numel() if text.input_ids is not None else 0
+    return m["loss"]
+
+
+def run_window(cfg: AlignStageConfig, data_dir: str, batches: Iterable[dict], warmup: int, steps: int, *,
+               reference: bool, trim: bool, peak_flops: float = 0.0, threads: int = 0) -> dict:
     """Build the model/engine in this process's group, run ``warmup`` + ``steps`` micro-steps, time the last ones.
 
     Every micro-step is an optimizer step (the caller sets ``global_batch = micro_batch * workers``).
 
     Args:
-        cfg: ``AlignStageConfig``.
+        cfg: alignment config.
         data_dir: prepared data (manifest + tables for text tokenization).
-        batches: iterator of ALIGN batches (numpy dicts) of this worker.
+        batches: ALIGN batches (numpy dicts) of this worker.
         warmup: untimed micro-steps.
         steps: timed micro-steps.
         reference: the public code's recipe (local negatives, full-vocab logits, padded prompts).
@@ -203,68 +239,46 @@ def run_window(cfg, data_dir: str, batches, warmup: int, steps: int, *, referenc
 
     Returns:
         This rank's results: ``elapsed_s``, ``sections`` (seconds), ``counts`` (real tokens), ``flops`` (by term),
-        ``peak_memory_bytes``, ``peak_flops``, ``losses``.
+        ``peak_memory_bytes``, ``peak_flops``, ``losses`` (warm-up included).
     """
-    import torch.distributed as dist
-
-    from lsvcr_dist.train.align_step import seed_micro_step, text_inputs, to_tensors
-
     if threads > 0:
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    model, engine, loss_fn, encode, num_videos = _build(cfg, data_dir, world, "cuda" if cuda else "cpu",
-                                                        warmup + steps, reference)
+    parts = build_parts(cfg, data_dir, distributed.world_size(), "cuda" if cuda else "cpu", warmup + steps, reference)
     if not peak_flops:
         peak_flops = (peak_flops_for_device(torch.cuda.get_device_name()) or 0.0) if cuda else cpu_matmul_probe()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     it = iter(batches)
-    timer = SectionTimer(cuda)
-    counts, losses, t_start, processed = StepCounts(), [], 0.0, [0, 0]
+    window, losses, t_start = Window(SectionTimer(cuda)), [], 0.0
     for i in range(warmup + steps):
-        if i == warmup:
-            if dist.is_initialized():
-                dist.barrier()
-            timer = SectionTimer(cuda)
-            counts, t_start, processed = StepCounts(), time.perf_counter(), [0, 0]
-        timer.start()
-        try:
-            raw = next(it)
-        except StopIteration:
-            raise RuntimeError(f"rank {rank}: data ran out after {i} of {warmup + steps} micro-batches") from None
-        timer.lap("data_wait")
-        seed_micro_step(cfg.seed, rank, i)
-        batch = to_tensors(raw, device)
-        text = text_inputs(raw, num_videos, encode, device)
-        if trim:
-            batch, text = trim_prompts(batch), trim_text(text)
-        timer.lap("text_tokenize")
-        m = timed_micro_step(engine, loss_fn, batch, text, cfg.rand_pos, timer, gather=not reference)
-        losses.append(m["loss"])
-        if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"rank {rank}: non-finite loss {m['loss']} at micro-step {i}")
-        counts.add(batch_counts(batch, text, m["n_target_tokens"]))
-        processed[0] += batch["prompt_input_ids"].numel()  # padding included: what the kernels actually see
-        processed[1] += text.input_ids.numel() if text.input_ids is not None else 0
+        if i == warmup:  # the timed window starts together on every rank
+            distributed.barrier()
+            window, t_start = Window(SectionTimer(cuda)), time.perf_counter()
+        window.timer.start()
+        raw = next(it, None)
+        if raw is None:
+            raise RuntimeError(f"rank {distributed.rank()}: data ran out after {i} of {warmup + steps} micro-batches")
+        window.timer.lap("data_wait")
+        losses.append(timed_step(parts, cfg, raw, i, device, window, reference=reference, trim=trim))
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t_start
-    shape = LLMShape.from_hf_config(model.llm.lm.config)
-    sr_params = sum(p.numel() for p in model.sr.parameters() if p.requires_grad)
+    counts = window.counts
+    shape = LLMShape.from_hf_config(parts.model.llm.lm.config)
+    sr_params = sum(p.numel() for p in parts.model.sr.parameters() if p.requires_grad)
     flops = align_step_flops(shape, counts, lora_r=cfg.lora.r, lora_targets=_glm_targets(cfg.lora.target_modules),
                              sr_params=sr_params, sr_dim=cfg.sr.dim, text_grad=cfg.text_source == "online")
-    return {"rank": rank, "elapsed_s": elapsed, "sections": timer.total, "samples": counts.samples,
+    return {"rank": distributed.rank(), "elapsed_s": elapsed, "sections": window.timer.total, "samples": counts.samples,
             "prompt_tokens": counts.prompt_tokens, "text_tokens": counts.text_tokens,
-            "target_tokens": counts.target_tokens, "processed_prompt_tokens": processed[0],
-            "processed_text_tokens": processed[1], "flops": flops, "peak_memory_bytes": _peak_memory_bytes(cuda),
-            "peak_flops": float(peak_flops), "losses": losses, "device": device,
-            "torch_threads": torch.get_num_threads()}
+            "target_tokens": counts.target_tokens, "processed_prompt_tokens": window.processed_prompt_tokens,
+            "processed_text_tokens": window.processed_text_tokens, "flops": flops,
+            "peak_memory_bytes": _peak_memory_bytes(cuda), "peak_flops": float(peak_flops), "losses": losses,
+            "device": device, "torch_threads": torch.get_num_threads()}
 
 
-def _glm_targets(targets) -> list[str]:
+def _glm_targets(targets: list[str]) -> list[str]:
     from lsvcr_dist.flops import GLM_LINEARS
 
     return [t for t in targets if t in GLM_LINEARS]
