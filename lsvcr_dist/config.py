@@ -149,6 +149,8 @@ class EncodeConfig:
     """Rows per store shard."""
     dtype: str = "fp16"
     """Stored dtype (fp16)."""
+    allow_degenerate: bool = False
+    """Write a store whose vectors barely differ (``embeddings.judge_stats``) instead of failing."""
 
 
 @dataclass

@@ -52,7 +52,19 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     """HF attention kernel: ``sdpa``, ``eager`` or ``flash_attention_2``."""
     pooling: str = "mean"
-    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or ``last``."""
+    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or ``last``. Measured on the tiny titles
+    (topic linear probe, 16 topics): mean 0.58 / last 0.41 (tiny GLM), 0.92 / 0.73 (SmolLM2-135M)."""
+    text_norm: str = "standardize"
+    """LLM(t) as the SR model sees it: ``standardize`` = per-dimension centring and scaling by the base store's
+    statistics over every title and comment (diagonal BERT-whitening; pooled LLM states share a large offset, e.g.
+    mean pairwise cosine 0.87 between SmolLM2 titles), applied to the base store, the online alignment texts and the
+    aligned encoder's input; ``none`` = raw vectors (the public code)."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError(f"llm.pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if self.text_norm not in ("standardize", "none"):
+            raise ConfigError(f"llm.text_norm must be 'standardize' or 'none', got {self.text_norm!r}")
 
 
 @dataclass
@@ -117,6 +129,8 @@ class LossConfig:
     """L_LM over target tokens: ``mean`` (public code) or ``sum`` (paper Eq. 14)."""
     mask_duplicate_targets: bool = True
     """Mask in-batch negatives that share the positive's id instead of counting them."""
+    mask_same_user: bool = True
+    """Mask in-batch negatives of the query's own user in L_SR and L_SSC (false negatives; paper: counted)."""
     eta: float = 0.1
     """eta: weight of L_REG in L_FT (Eq. 19)."""
     use_reg: bool = True
@@ -166,13 +180,18 @@ class IngestConfig:
     format: str = "parquet"
     """Shard format read: ``parquet`` or ``webdataset``."""
     shuffle_seed: int = 0
-    """Base seed of the per-epoch shuffle; epoch e uses ``shuffle_seed + e``."""
-    local_shuffle_buffer: int = 0
-    """Rows in each worker's local shuffle buffer; 0 = off (the block order shuffle still applies)."""
+    """Added to the run's ``seed`` to seed the per-epoch windows (``ingest.epoch_generator(seed, epoch, rank)``)."""
+    shuffle_window: int = 4096
+    """Rows of each worker's stream permuted together every epoch, deterministically (``ingest.epoch_iterator``);
+    0 = the prepared order every epoch (already a seeded global order across users)."""
     prefetch_batches: int = 2
-    """Batches prefetched per worker."""
+    """Windows (batches when ``shuffle_window`` is 0) prefetched per worker."""
     epoch_draws: int = 1
     """Distinct ComDiv/popular-comment draws: epoch e streams draw ``e % epoch_draws`` (one dataset per draw)."""
+
+    def __post_init__(self) -> None:
+        if self.shuffle_window < 0:
+            raise ConfigError(f"ingest.shuffle_window must be >= 0 (0 = prepared order), got {self.shuffle_window}")
 
 
 @dataclass

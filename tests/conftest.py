@@ -78,3 +78,15 @@ def tiny_prepared(tiny_run, ray_local):
     run_dir, cfg_path, overrides = tiny_run
     prepare(load_config(cfg_path, "prepare", overrides), log=lambda *_: None)
     return run_dir, cfg_path, overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_encoded(tiny_prepared):
+    """``tiny_prepared`` plus ``run_dir/embeddings/base`` (alignment under ``llm.text_norm=standardize`` reads its
+    statistics), encoded in-process once per session."""
+    from lsvcr_dist.config import load_config
+    from lsvcr_dist.encode import encode_texts_local
+
+    run_dir, cfg_path, overrides = tiny_prepared
+    encode_texts_local(load_config(cfg_path, "encode", overrides), log=lambda *_: None)
+    return tiny_prepared
