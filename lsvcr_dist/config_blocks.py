@@ -81,6 +81,9 @@ class LoRAConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     )
     """Linear layers that get adapters (all linears of every block, as the public code)."""
+    layers: list[int] = field(default_factory=list)
+    """Decoder layers that get adapters (empty = all). Only the top layers: the backward pass stops at the lowest
+    adapted layer (the frozen layers below need no gradients), the CPU preset's way to afford a real LLM."""
 
 
 @dataclass

@@ -156,14 +156,57 @@ def _encoder_kwargs(cfg) -> tuple[dict, dict]:
     return kw, meta
 
 
-def _aligned_text_norm(final: Path) -> str | None:
-    """``llm.text_norm`` recorded in the aligned checkpoint's ``config.yaml`` (None when absent)."""
+def _aligned_config(final: Path) -> dict:
+    """The aligned checkpoint's ``config.yaml`` as a dict (empty when absent)."""
     import yaml
 
     path = final / "config.yaml"
-    if not path.is_file():
-        return None
-    return ((yaml.safe_load(path.read_text()) or {}).get("llm") or {}).get("text_norm", "none")
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _aligned_text_norm(final: Path) -> str | None:
+    """``llm.text_norm`` recorded in the aligned checkpoint's ``config.yaml`` (None when absent)."""
+    conf = _aligned_config(final)
+    return (conf.get("llm") or {}).get("text_norm", "none") if conf else None
+
+
+def project_base_store(cfg, log=print) -> dict:
+    """The aligned store of a ``text_source=store`` alignment: the aligned text MLP over the base store's rows.
+
+    That alignment never ran the LLM on titles or comments (its SR model read the frozen base store), so the aligned
+    vectors are ``text_mlp(base row)`` exactly as during training; applying the LoRA adapter to the texts would feed
+    the MLP vectors it never saw. No LLM pass: rows are projected in chunks on this process.
+    """
+    from lsvcr_dist.embeddings import EmbeddingStore
+
+    _check_dtype(cfg)
+    _, sr_file = aligned_paths(cfg.run_dir, cfg.adapter_dir)
+    base_dir = Path(cfg.run_dir) / "embeddings" / "base"
+    base = EmbeddingStore.open(base_dir)
+    mlp = load_text_mlp(cfg.sr, sr_file, base.dim)
+    meta = dict(model=f"text_mlp({base_dir})", kind=base.manifest.get("kind"), adapter=None,
+                pooling=base.manifest.get("pooling"), which="aligned", projected=True,
+                max_text_len=base.manifest.get("max_text_len"), text_norm_input=str(base_dir))
+    n = base.count
+
+    def batches():
+        with torch.no_grad():
+            for start in range(1, n + 1, 65_536):
+                ids = np.arange(start, min(start + 65_536, n + 1))
+                yield {"text_id": ids, "vector": mlp(torch.from_numpy(base.lookup(ids))).numpy()}
+
+    manifest, secs, writer = _write_store(cfg, batches(), base.num_videos, base.num_comments, meta)
+    log(f"projected {n} base-store rows with the aligned text MLP in {secs:.1f}s -> {writer.path}")
+    _report_stats(manifest, log)
+    return {**manifest, "seconds": secs, "texts_per_s": n / max(secs, 1e-9)}
+
+
+def _store_source(cfg) -> bool:
+    """True when ``which=aligned`` follows a ``text_source=store`` alignment (``project_base_store``)."""
+    if cfg.which != "aligned":
+        return False
+    final = Path(cfg.adapter_dir) if cfg.adapter_dir else Path(cfg.run_dir) / ALIGN_FINAL
+    return _aligned_config(final).get("text_source") == "store"
 
 
 def _counts(data_dir: str) -> tuple[int, int]:
@@ -210,6 +253,8 @@ def _report_stats(manifest: dict, log) -> None:
 
 def encode_texts_local(cfg, log=print) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
+    if _store_source(cfg):
+        return project_base_store(cfg, log)
     _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
@@ -237,6 +282,8 @@ def encode_texts(cfg, log=print) -> dict:
     """
     import ray
 
+    if _store_source(cfg):
+        return project_base_store(cfg, log)
     _check_dtype(cfg)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])

@@ -98,8 +98,9 @@ def test_store_stats_hand_worked():
 
 def test_standardized_store_and_degenerate_refused(tmp_path):
     """x1..x4 = [1,2], [3,2], [1,6], [3,6]: mean [2, 4], std [1, 2] -> stored [-1,-1], [1,-1], [-1,1], [1,1] exactly
-    (raw titles x1, x2 have cosine 7 / sqrt(65) = 0.87, the standardised ones 0). A store of identical rows is degenerate: refused
-    without ``allow_degenerate`` (no manifest), written with it and the message kept in the manifest."""
+    (raw titles x1, x2 have cosine 7 / sqrt(65) = 0.87, the standardised ones 0). A store of identical rows is
+    degenerate: refused without ``allow_degenerate`` (no manifest), written with it and the message kept in the
+    manifest."""
     from lsvcr_dist.embeddings import load_text_norm
 
     x = np.array([[1, 2], [3, 2], [1, 6], [3, 6]], np.float32)

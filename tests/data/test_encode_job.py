@@ -122,6 +122,32 @@ def test_aligned_store_is_projected_by_the_aligned_text_mlp(run_dir):
     assert np.abs(store.lookup(ids) - base_mlp).max() > 1e-2
 
 
+def test_store_source_alignment_projects_the_base_store(run_dir, tmp_path):
+    """After a text_source=store alignment the aligned store is text_mlp(base row) for every text (the LLM never
+    encoded texts in that alignment, so its adapter is not applied to them)."""
+    import yaml
+
+    if not (Path(run_dir) / "embeddings" / "base" / "manifest.json").exists():  # run alone
+        encode_texts_local(_cfg(run_dir), log=lambda *_: None)
+    run = tmp_path / "store_run"
+    (run / "embeddings").mkdir(parents=True)
+    (run / "embeddings" / "base").symlink_to(Path(run_dir) / "embeddings" / "base")
+    final = run / "align" / "final"
+    (final / "adapter").mkdir(parents=True)
+    torch.manual_seed(1)
+    sr = build_sr_model_from_config(SR, text_in_dim=32)
+    save_file({k: v.contiguous() for k, v in sr.state_dict().items()}, str(final / "sr.safetensors"))
+    (final / "config.yaml").write_text(yaml.safe_dump({"text_source": "store", "llm": {"text_norm": "standardize"}}))
+    man = encode_texts_local(_cfg(run, "aligned"), log=lambda *_: None)
+    assert man["adapter"] is None and man["projected"] is True and man["model"].startswith("text_mlp(")
+    base = EmbeddingStore.open(Path(run_dir) / "embeddings" / "base").as_tensor()
+    got = EmbeddingStore.open(run / "embeddings" / "aligned").as_tensor()
+    with torch.no_grad():
+        want = sr.text_mlp.eval()(base[1:])
+    torch.testing.assert_close(got[1:], want, rtol=2e-3, atol=2e-3)
+    assert got.shape == (1 + NV + NC, SR.text_dim) and (got[0] == 0).all()
+
+
 def test_bad_which_and_missing_mlp_weights(run_dir, tmp_path):
     kw = dict(data_dir=str(Path(run_dir) / "data"), llm=dataclasses.asdict(LLM), seed=7)
     with pytest.raises(ValueError, match="encode.which must be 'base' or 'aligned'"):
