@@ -11,18 +11,18 @@ from lsvcr_dist.models.sr_model import SRModel
 
 
 def init_text_path(sr: SRModel) -> None:
-    """Variance-preserving init of the text MLP and the adapter: weights N(0, 1/fan_in), biases 0.
+    """Variance-preserving init of the text MLP (``llm_emb_mlp``): weights N(0, 1/fan_in), biases 0.
 
     The public code draws every Linear from N(0, 0.02), which multiplies the signal by ``0.02 * sqrt(fan_in)`` per
-    layer: about 1 at its widths (4096 -> 1024 -> 256 -> 64) but 0.1-0.16 at small widths, so on the tiny preset
-    the item-dependent part of z = W1[...] came out at 1e-4 per dimension against 2e-2 for the position embeddings
-    it is added to before the LayerNorm: the SR model saw positions only and L_SR / L_SSC stayed at ln(pool).
-    N(0, 1/fan_in) keeps the text's scale through these layers at any width (at the paper's widths it is within 3x
-    of 0.02); W1 (``merge``) keeps 0.02, so text and positions enter the LayerNorm at comparable scales.
+    layer: 1.28 and 0.64 for its text MLP (4096 -> 1024 -> 256) but 0.16 each at the tiny widths (64 -> 64 -> 32),
+    so there the item-dependent part of z = W1[...] came out at 1e-4 per dimension against 2e-2 for the position
+    embeddings it is added to before the LayerNorm: the SR model saw positions only and L_SR / L_SSC stayed at
+    ln(pool). N(0, 1/fan_in) keeps the text's scale through the MLP at any width (at the paper's widths it is within
+    2x of 0.02); the adapter and W1 keep 0.02 like every other layer, so text, positions and the F_c query residual
+    enter at the relative scales the public code has at its widths (measured: tests/models/test_align_model.py).
     """
-    layers = [m for m in sr.text_mlp.modules() if isinstance(m, nn.Linear)] + [sr.llm_adapter]
     with torch.no_grad():
-        for lin in layers:
+        for lin in (m for m in sr.text_mlp.modules() if isinstance(m, nn.Linear)):
             nn.init.normal_(lin.weight, 0.0, 1.0 / math.sqrt(lin.in_features))
             if lin.bias is not None:
                 lin.bias.zero_()
