@@ -56,7 +56,7 @@ def _ray_ingest(data: Path, manifest: dict, split: str, fmt: str, batch_size: in
         out = Path(tmp) / "probe"
         t0 = time.perf_counter()
         TorchTrainer(probe_loop, train_loop_config={"out_dir": str(out), "batch_size": batch_size, "epochs": epochs,
-                                                    "seed": 0, "shuffle_buffer": 0, "record_keys": False,
+                                                    "seed": 0, "shuffle_window": 0, "record_keys": False,
                                                     "dims": manifest["dims"]},
                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                      datasets={"train": read_instances(data, split, fmt=fmt)}, dataset_config=ingest_data_config(),

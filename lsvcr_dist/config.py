@@ -159,6 +159,8 @@ class EncodeConfig:
     """Rows per store shard."""
     dtype: Literal["fp16", "float16"] = "fp16"
     """Stored dtype: the store holds fp16 vectors only."""
+    allow_degenerate: bool = False
+    """Write a store whose vectors barely differ (``embeddings.judge_stats``) instead of failing."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -124,7 +124,13 @@ class LLMConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """HF attention kernel."""
     pooling: Literal["mean", "last"] = "mean"
-    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or the ``last`` real token."""
+    """Text pooling for LLM(t): ``mean`` over real tokens (the public code) or the ``last`` real token. Measured on
+    the tiny titles (topic linear probe, 16 topics): mean 0.58 / last 0.41 (tiny GLM), 0.92 / 0.73 (SmolLM2-135M)."""
+    text_norm: Literal["standardize", "none"] = "standardize"
+    """LLM(t) as the SR model sees it: ``standardize`` = per-dimension centring and scaling by the base store's
+    statistics over every title and comment (diagonal BERT-whitening; pooled LLM states share a large offset, e.g.
+    mean pairwise cosine 0.87 between SmolLM2 titles), applied to the base store, the online alignment texts and the
+    aligned encoder's input; ``none`` = raw vectors (the public code)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -147,11 +153,16 @@ class LoRAConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     )
     """Linear layers that get adapters (all linears of every block, as the public code)."""
+    layers: list[int] = field(default_factory=list)
+    """Decoder layers that get adapters (empty = all). Only the top layers: the backward pass stops at the lowest
+    adapted layer (the frozen layers below need no gradients), the CPU preset's way to afford a real LLM."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "r", "alpha")
         probability(self, "dropout", below_one=True)
         not_empty(self, "target_modules")
+        if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"must be distinct layer indices >= 0, got {self.layers}", "layers")
 
 
 @dataclass
@@ -204,6 +215,8 @@ class LossConfig:
     """L_LM over target tokens: ``mean`` (public code) or ``sum`` (paper Eq. 14)."""
     mask_duplicate_targets: bool = True
     """Mask in-batch negatives that share the positive's id instead of counting them."""
+    mask_same_user: bool = True
+    """Mask in-batch negatives of the query's own user in L_SR and L_SSC (false negatives; paper: counted)."""
     eta: float = 0.1
     """eta: weight of L_REG in L_FT (Eq. 19)."""
     use_reg: bool = True
@@ -272,17 +285,18 @@ class IngestConfig:
     format: Literal["parquet", "webdataset"] = "parquet"
     """Shard format read (both hold the same rows; preparation writes the ones in ``prepare.formats``)."""
     shuffle_seed: int = 0
-    """Base seed of the per-epoch shuffle; epoch e uses ``shuffle_seed + e``."""
-    local_shuffle_buffer: int = 0
-    """Rows in each worker's local shuffle buffer; 0 = off (the block order shuffle still applies)."""
+    """Added to the run's ``seed`` to seed the per-epoch windows (``ingest.epoch_generator(seed, epoch, rank)``)."""
+    shuffle_window: int = 4096
+    """Rows of each worker's stream permuted together every epoch, deterministically (``ingest.epoch_iterator``);
+    0 = the prepared order every epoch (already a seeded global order across users)."""
     prefetch_batches: int = 2
-    """Batches prefetched per worker."""
+    """Windows (batches when ``shuffle_window`` is 0) prefetched per worker."""
     epoch_draws: int = 1
     """Distinct ComDiv/popular-comment draws: epoch e streams draw ``e % epoch_draws`` (one dataset per draw)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
-        at_least(self, 0, "shuffle_seed", "local_shuffle_buffer", "prefetch_batches")
+        at_least(self, 0, "shuffle_seed", "shuffle_window", "prefetch_batches")
         at_least(self, 1, "epoch_draws")
 
 

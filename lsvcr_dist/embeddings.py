@@ -13,11 +13,24 @@ pre-sized memory-mapped shards, refuses a second write of an id and NaN/inf vect
 ``close()`` checks that every id 1..count was written exactly once before it writes the manifest.
 
 Disk: ``(1 + count) * dim * 2`` bytes (fp16).
+
+The writer also measures, in the same pass, how much the vectors differ (``StoreStats``, manifest ``stats``): per group
+(titles, comments) the mean pairwise cosine, the norm of the mean vector against the spread around it, and the
+spread of every dimension. A near-constant store (information only under a large shared offset, e.g. every title at
+cosine 0.997 of every other) warns naming the store and the numbers; a degenerate one (rows differ by less than
+``MIN_RELATIVE_SPREAD`` of their norm, below fp16 resolution for practical purposes) is refused at ``close`` unless
+``allow_degenerate``.
+
+``standardize=True`` (the base store under ``llm.text_norm=standardize``) rewrites the shards at ``close`` as
+``(x - center) / scale`` with the per-dimension mean and standard deviation over every title and comment, saved as
+``center.npy`` / ``scale.npy`` (``manifest["text_norm"]``) so that the online alignment path and the aligned encoder
+apply the same map to fresh LLM(t) vectors (``load_text_norm``); ``stats_raw`` keeps the statistics before it.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +48,116 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
 
+NEAR_CONSTANT_COSINE = 0.9
+"""Mean pairwise cosine above which a group of the store is reported as near-constant."""
+MIN_RELATIVE_SPREAD = 0.01
+"""RMS distance to the group mean over RMS norm below which a group is degenerate."""
+
+
+class StoreStats:
+    """Streaming statistics of one group of vectors (exact, O(dim) memory).
+
+    The mean pairwise cosine over n non-zero rows is ``(|sum_i u_i|^2 - n) / (n (n - 1))`` with ``u_i`` the unit
+    vectors, so it needs only the running sum of unit vectors.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.n_nonzero = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.sumsq = np.zeros(dim, np.float64)
+        self.unit_sum = np.zeros(dim, np.float64)
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Accumulate ``[N, dim]`` vectors."""
+        x = np.asarray(vectors, dtype=np.float64)
+        self.n += len(x)
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+        norm = np.linalg.norm(x, axis=1)
+        nz = norm > 0
+        self.n_nonzero += int(nz.sum())
+        self.unit_sum += (x[nz] / norm[nz, None]).sum(0)
+
+    def summary(self) -> dict:
+        """``rows``, ``mean_pairwise_cosine``, ``rms_norm``, ``offset_norm`` (norm of the mean), ``spread_norm`` (RMS
+        distance to the mean), ``relative_spread`` (= spread / rms norm) and ``dim_std`` {min, median, max}."""
+        if self.n == 0:
+            return {"rows": 0}
+        mean = self.sum / self.n
+        var = np.clip(self.sumsq / self.n - mean * mean, 0.0, None)
+        std = np.sqrt(var)
+        rms = float(np.sqrt(self.sumsq.sum() / self.n))
+        m = self.n_nonzero
+        cos = float((self.unit_sum @ self.unit_sum - m) / (m * (m - 1))) if m > 1 else 1.0
+        spread = float(np.sqrt(var.sum()))
+        return {"rows": self.n, "mean_pairwise_cosine": round(cos, 6), "rms_norm": rms,
+                "offset_norm": float(np.linalg.norm(mean)), "spread_norm": spread,
+                "relative_spread": spread / rms if rms > 0 else 0.0,
+                "dim_std": {"min": float(std.min()), "median": float(np.median(std)), "max": float(std.max())}}
+
+
+def _numbers(st: dict) -> str:
+    return (f"mean pairwise cosine {st['mean_pairwise_cosine']:.4f}, offset norm {st['offset_norm']:.4g} vs spread "
+            f"{st['spread_norm']:.4g}, per-dim std {st['dim_std']['min']:.3g}..{st['dim_std']['max']:.3g}")
+
+
+def judge_stats(stats: dict, path: str | Path, raw: dict | None = None) -> tuple[list[str], list[str]]:
+    """(warnings, errors) of a manifest ``stats`` block: near-constant groups warn, degenerate groups are errors.
+
+    Args:
+        stats: ``{group: StoreStats.summary()}`` of the stored vectors.
+        path: the store (named in every message).
+        raw: the statistics before standardisation, if any: degeneracy is judged on them (standardising would
+            blow fp16 noise up to unit variance).
+    """
+    warns, errors = [], []
+    for group, st in stats.items():
+        if st.get("rows", 0) < 2:  # nothing to compare
+            continue
+        base = (raw or stats).get(group, st)
+        if base["relative_spread"] < MIN_RELATIVE_SPREAD:
+            errors.append(f"{path}: {group} vectors are degenerate ({_numbers(base)}; relative spread "
+                          f"{base['relative_spread']:.2e} < {MIN_RELATIVE_SPREAD})")
+        elif st["mean_pairwise_cosine"] > NEAR_CONSTANT_COSINE:
+            warns.append(f"{path}: {group} vectors are near-constant ({_numbers(st)}): their information sits under"
+                         " a shared offset; check llm.pooling / llm.text_norm")
+    return warns, errors
+
+
+def _chunks(shards: list[np.ndarray], shard_rows: int, size: int = 65_536):
+    """``(shard, lo, ids)`` over every row in id order, ``size`` rows at a time (bounded memory)."""
+    for s, arr in enumerate(shards):
+        for lo in range(0, arr.shape[0], size):
+            yield s, lo, np.arange(s * shard_rows + lo, s * shard_rows + min(lo + size, arr.shape[0]))
+
+
+def load_text_norm(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(center [dim], scale [dim])`` float32 of a standardised store, or None when it is stored raw.
+
+    Raises:
+        FileNotFoundError: no manifest; EmbeddingError: a listed file missing or of the wrong shape.
+    """
+    path = Path(path)
+    man_path = path / MANIFEST
+    if not man_path.exists():
+        raise FileNotFoundError(f"{man_path}: no embedding store manifest (run jobs/encode_text.py)")
+    manifest = json.loads(man_path.read_text())
+    norm = manifest.get("text_norm")
+    if not norm or norm.get("kind") != "standardize":
+        return None
+    out = []
+    for key in ("center", "scale"):
+        f = path / norm[key]
+        if not f.is_file():
+            raise EmbeddingError(f"{f}: listed in the manifest's text_norm but missing")
+        arr = np.load(f, allow_pickle=False)
+        if arr.shape != (manifest["dim"],):
+            raise EmbeddingError(f"{f}: shape {arr.shape}, expected ({manifest['dim']},)")
+        out.append(arr.astype(np.float32))
+    return out[0], out[1]
+
+
 class EmbeddingWriter:
     """Incremental, order-free writer of a store.
 
@@ -45,10 +168,11 @@ class EmbeddingWriter:
         num_comments: C (``count = V + C`` texts, rows ``0..count``).
         shard_rows: rows per shard file.
         meta: manifest fields (model, kind, adapter, pooling, projected, which, ...).
+        standardize: rewrite the store per-dimension standardised at ``close`` (module docstring).
     """
 
     def __init__(self, path: str | Path, dim: int, num_videos: int, num_comments: int, shard_rows: int = 100_000,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, standardize: bool = False) -> None:
         if dim <= 0 or shard_rows <= 0:
             raise ValueError(f"dim={dim} and shard_rows={shard_rows} must be positive")
         self.path = Path(path)
@@ -60,6 +184,7 @@ class EmbeddingWriter:
         self.count = self.num_videos + self.num_comments
         self.shard_rows = int(shard_rows)
         self.meta = dict(meta or {})
+        self.standardize = bool(standardize)
         rows = self.count + 1
         self.shards = []
         for s, start in enumerate(range(0, rows, self.shard_rows)):
@@ -69,6 +194,7 @@ class EmbeddingWriter:
             self.shards.append(arr)
         self.written = np.zeros(rows, dtype=bool)
         self.written[0] = True  # row 0 is the padding row, zeros by construction
+        self.stats = {"titles": StoreStats(self.dim), "comments": StoreStats(self.dim)}
 
     def write(self, text_ids: np.ndarray, vectors: np.ndarray) -> None:
         """Store ``vectors[i]`` at row ``text_ids[i]``.
@@ -101,19 +227,37 @@ class EmbeddingWriter:
             sel = ids // self.shard_rows == s
             self.shards[s][ids[sel] - s * self.shard_rows] = half[sel]
         self.written[ids] = True
+        title = ids <= self.num_videos
+        self.stats["titles"].add(half[title])
+        self.stats["comments"].add(half[~title])
 
-    def close(self) -> dict:
-        """Flush shards, check completeness, write ``manifest.json``.
+    def close(self, allow_degenerate: bool = False) -> dict:
+        """Flush shards, check completeness and spread, write ``manifest.json`` (with ``stats`` and ``warnings``).
+
+        Args:
+            allow_degenerate: write the manifest even when a group of vectors is degenerate (``judge_stats``).
 
         Returns:
             The manifest dict.
 
         Raises:
-            EmbeddingError: some text ids were never written (the first few are named).
+            EmbeddingError: some text ids were never written (the first few are named), or a degenerate group
+                (names the store, the group and its numbers) without ``allow_degenerate``; no manifest is written.
         """
         missing = np.flatnonzero(~self.written)
         if len(missing):
             raise EmbeddingError(f"{self.path}: {len(missing)} text ids never written, e.g. {missing[:5].tolist()}")
+        stats = raw = {k: v.summary() for k, v in self.stats.items()}
+        extra = {}
+        if self.standardize:
+            _, errors = judge_stats(raw, self.path)
+            if not errors:  # a degenerate store is not rescaled (its noise would become unit variance)
+                stats, extra = self._standardize(), {"stats_raw": raw}
+        warns, errors = judge_stats(stats, self.path, raw)
+        if errors and not allow_degenerate:
+            raise EmbeddingError("; ".join(errors) + " (encode.allow_degenerate=true writes it anyway)")
+        for w in warns + errors:
+            warnings.warn(w, stacklevel=2)
         shards = []
         for s, arr in enumerate(self.shards):
             arr.flush()
@@ -122,13 +266,46 @@ class EmbeddingWriter:
             "format": FORMAT, "model": None, "kind": None, "adapter": None, "pooling": "mean", "projected": False,
             **self.meta,
             "dim": self.dim, "count": self.count, "num_videos": self.num_videos, "num_comments": self.num_comments,
-            "dtype": "float16", "shard_rows": self.shard_rows, "shards": shards,
+            "dtype": "float16", "shard_rows": self.shard_rows, "shards": shards, "stats": stats,
+            "warnings": warns + errors, **extra,
         }
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(self.path / MANIFEST)  # atomic: a store with a manifest is complete
         self.shards = []
         return manifest
+
+
+    def _standardize(self) -> dict:
+        """Rewrite every shard as ``(x - center) / scale`` (row 0 stays zero), save ``center.npy`` / ``scale.npy``;
+        returns the statistics of the rewritten vectors."""
+        # center/scale from a pass in id order: the same bytes whatever order the rows were written in
+        total, total_sq = np.zeros(self.dim, np.float64), np.zeros(self.dim, np.float64)
+        for s, lo, ids in _chunks(self.shards, self.shard_rows):
+            x = np.asarray(self.shards[s][lo:lo + len(ids)], np.float64)
+            total += x.sum(0)  # row 0 is zeros and not counted below
+            total_sq += (x * x).sum(0)
+        n = max(self.count, 1)
+        mean = total / n
+        std = np.sqrt(np.clip(total_sq / n - mean * mean, 0.0, None))
+        center = mean.astype(np.float32)
+        scale = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)  # constant dim: 1
+        np.save(self.path / "center.npy", center)
+        np.save(self.path / "scale.npy", scale)
+        self.meta["text_norm"] = {"kind": "standardize", "center": "center.npy", "scale": "scale.npy"}
+        after = {k: StoreStats(self.dim) for k in self.stats}
+        for s, lo, ids in _chunks(self.shards, self.shard_rows):
+            arr = self.shards[s]
+            x = (np.asarray(arr[lo:lo + len(ids)], np.float32) - center) / scale
+            x[ids == 0] = 0.0
+            with np.errstate(over="ignore"):
+                half = x.astype(np.float16)
+            if not np.isfinite(half).all():
+                raise EmbeddingError(f"{self.path}: standardised vectors overflow fp16 in shard {shard_name(s)}")
+            arr[lo:lo + len(ids)] = half
+            after["titles"].add(half[(ids > 0) & (ids <= self.num_videos)])
+            after["comments"].add(half[ids > self.num_videos])
+        return {k: v.summary() for k, v in after.items()}
 
 
 class EmbeddingStore:

@@ -1,8 +1,10 @@
 """Offline text encoding LLM(t) of every title and comment into an ``EmbeddingStore`` (Ray Data batch inference).
 
 ``which=base``: the base LLM's mean-pooled last hidden states (dim H, ``projected=false``): the frozen text table of
-``text_source=store`` alignment and of ablations. ``which=aligned``: base + the aligned LoRA adapter + the aligned
-SR text MLP (``llm_emb_mlp``), i.e. the public code's ``photo_embs.npy``/``comment_embs.npy`` (dim ``sr.text_dim``,
+``text_source=store`` alignment and of ablations; under ``llm.text_norm=standardize`` the store is written
+standardised (``embeddings`` docstring) and its ``center``/``scale`` define LLM(t) for the later stages.
+``which=aligned``: base + the aligned LoRA adapter + (the base store's standardisation) + the aligned SR text MLP
+(``llm_emb_mlp``), i.e. the public code's ``photo_embs.npy``/``comment_embs.npy`` (dim ``sr.text_dim``,
 ``projected=true``), read by fine-tuning.
 
 The public code encodes 14.16M comments one text at a time; here ``map_batches`` runs a pool of ``num_actors``
@@ -72,10 +74,12 @@ class TextEncoder:
         adapter: LoRA adapter folder (``aligned``).
         sr_file: ``sr.safetensors`` (``aligned``).
         seed: seed of the tiny backbone's random init (must equal the align stage's).
+        norm_store: ``aligned`` only: the base store whose ``center``/``scale`` standardise LLM(t) before the MLP
+            (empty = raw, ``llm.text_norm=none``).
     """
 
     def __init__(self, data_dir: str, llm: dict, sr: dict | None = None, which: str = "base", adapter: str = "",
-                 sr_file: str = "", seed: int = 0) -> None:
+                 sr_file: str = "", seed: int = 0, norm_store: str = "") -> None:
         from lsvcr_dist.config import LLMConfig, SRConfig
         from lsvcr_dist.data.transforms import TextTokenizer
         from lsvcr_dist.models.llm_builders import build_causal_lm, resolve_dtype
@@ -96,6 +100,15 @@ class TextEncoder:
         elif which != "base":
             raise ValueError(f"encode.which must be 'base' or 'aligned', got {which!r}")
         self.model = LLMRecommender(lm, lm.config.hidden_size, 1, pooling=cfg.pooling).to(self.device).eval()
+        self.norm = None
+        if norm_store:
+            from lsvcr_dist.embeddings import load_text_norm
+
+            norm = load_text_norm(norm_store)
+            if norm is None:
+                raise ValueError(f"{norm_store}: base store is not standardised but llm.text_norm=standardize "
+                                 "(re-run jobs/encode_text.py encode.which=base)")
+            self.norm = tuple(torch.from_numpy(a).to(self.device) for a in norm)
 
     @torch.no_grad()
     def encode_ids(self, text_ids: np.ndarray) -> np.ndarray:
@@ -106,6 +119,8 @@ class TextEncoder:
         width = max(1, int(mask.sum(1).max()))
         ids, mask = np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width])
         vec = self.model.encode_text(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+        if self.norm is not None:
+            vec = (vec - self.norm[0]) / self.norm[1]
         if self.mlp is not None:
             vec = self.mlp(vec.to(next(self.mlp.parameters()).dtype)).float()
         return vec.cpu().numpy()
@@ -121,17 +136,76 @@ def _encoder_kwargs(cfg) -> tuple[dict, dict]:
     data_dir = str(Path(cfg.run_dir) / "data")
     kw = dict(data_dir=data_dir, llm=dataclasses.asdict(cfg.llm), sr=dataclasses.asdict(cfg.sr), which=cfg.which,
               seed=cfg.seed)
-    adapter = None
+    adapter, norm_from = None, None
     if cfg.which == "aligned":
         a, s = aligned_paths(cfg.run_dir, cfg.adapter_dir)
         kw.update(adapter=str(a), sr_file=str(s))
         adapter = str(a)
+        trained = _aligned_text_norm(a.parent)
+        if trained is not None and trained != cfg.llm.text_norm:
+            raise ValueError(f"{a.parent / 'config.yaml'}: alignment ran with llm.text_norm={trained}, this encode "
+                             f"has llm.text_norm={cfg.llm.text_norm}: the text MLP would see other inputs")
+        if cfg.llm.text_norm == "standardize":
+            norm_from = str(Path(cfg.run_dir) / "embeddings" / "base")
+            kw.update(norm_store=norm_from)
     llm = cfg.llm
     model = {"tiny_glm": f"tiny_glm(h={llm.hidden_size},layers={llm.num_layers},seed={cfg.seed})",
              "hf": llm.path, "gguf": f"{llm.path}/{llm.gguf_file}".lstrip("/")}.get(llm.kind, llm.kind)
     meta = dict(model=model, kind=llm.kind, adapter=adapter, pooling=llm.pooling, which=cfg.which,
-                projected=cfg.which == "aligned", max_text_len=llm.max_text_len)
+                projected=cfg.which == "aligned", max_text_len=llm.max_text_len, text_norm_input=norm_from)
     return kw, meta
+
+
+def _aligned_config(final: Path) -> dict:
+    """The aligned checkpoint's ``config.yaml`` as a dict (empty when absent)."""
+    import yaml
+
+    path = final / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _aligned_text_norm(final: Path) -> str | None:
+    """``llm.text_norm`` recorded in the aligned checkpoint's ``config.yaml`` (None when absent)."""
+    conf = _aligned_config(final)
+    return (conf.get("llm") or {}).get("text_norm", "none") if conf else None
+
+
+def project_base_store(cfg, log=print) -> dict:
+    """The aligned store of a ``text_source=store`` alignment: the aligned text MLP over the base store's rows.
+
+    That alignment never ran the LLM on titles or comments (its SR model read the frozen base store), so the aligned
+    vectors are ``text_mlp(base row)`` exactly as during training; applying the LoRA adapter to the texts would feed
+    the MLP vectors it never saw. No LLM pass: rows are projected in chunks on this process.
+    """
+    from lsvcr_dist.embeddings import EmbeddingStore
+
+    _, sr_file = aligned_paths(cfg.run_dir, cfg.adapter_dir)
+    base_dir = Path(cfg.run_dir) / "embeddings" / "base"
+    base = EmbeddingStore.open(base_dir)
+    mlp = load_text_mlp(cfg.sr, sr_file, base.dim)
+    meta = dict(model=f"text_mlp({base_dir})", kind=base.manifest.get("kind"), adapter=None,
+                pooling=base.manifest.get("pooling"), which="aligned", projected=True,
+                max_text_len=base.manifest.get("max_text_len"), text_norm_input=str(base_dir))
+    n = base.count
+
+    def batches():
+        with torch.no_grad():
+            for start in range(1, n + 1, 65_536):
+                ids = np.arange(start, min(start + 65_536, n + 1))
+                yield {"text_id": ids, "vector": mlp(torch.from_numpy(base.lookup(ids))).numpy()}
+
+    manifest, secs, writer = _write_store(cfg, batches(), base.num_videos, base.num_comments, meta)
+    log(f"projected {n} base-store rows with the aligned text MLP in {secs:.1f}s -> {writer.path}")
+    _report_stats(manifest, log)
+    return {**manifest, "seconds": secs, "texts_per_s": n / max(secs, 1e-9)}
+
+
+def _store_source(cfg) -> bool:
+    """True when ``which=aligned`` follows a ``text_source=store`` alignment (``project_base_store``)."""
+    if cfg.which != "aligned":
+        return False
+    final = Path(cfg.adapter_dir) if cfg.adapter_dir else Path(cfg.run_dir) / ALIGN_FINAL
+    return _aligned_config(final).get("text_source") == "store"
 
 
 def _counts(data_dir: str) -> tuple[int, int]:
@@ -154,14 +228,27 @@ def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
     for batch in batches:
         if writer is None:
             writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, batch["vector"].shape[1], nv, nc,
-                                     cfg.shard_rows, meta)
+                                     cfg.shard_rows, meta,
+                                     standardize=cfg.which == "base" and cfg.llm.text_norm == "standardize")
         writer.write(batch["text_id"], batch["vector"])
     secs = time.perf_counter() - t0
-    return writer.close(), secs, writer
+    return writer.close(allow_degenerate=cfg.allow_degenerate), secs, writer
+
+
+def _report_stats(manifest: dict, log) -> None:
+    """Log the store's spread (titles, comments) and, loudly, any near-constant warning."""
+    for group, st in manifest.get("stats", {}).items():
+        if st.get("rows"):
+            log(f"{group}: mean pairwise cosine {st['mean_pairwise_cosine']:.4f}, relative spread "
+                f"{st['relative_spread']:.3f}, per-dim std median {st['dim_std']['median']:.3g}")
+    for w in manifest.get("warnings", []):
+        log(f"WARNING: {w}")
 
 
 def encode_texts_local(cfg, log=print) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
+    if _store_source(cfg):
+        return project_base_store(cfg, log)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     enc = TextEncoder(**kw)
@@ -169,6 +256,7 @@ def encode_texts_local(cfg, log=print) -> dict:
                for start in range(0, nv + nc, cfg.batch_size))
     manifest, secs, _ = _write_store(cfg, batches, nv, nc, meta)
     log(f"encoded {nv + nc} texts in {secs:.1f}s ({(nv + nc) / max(secs, 1e-9):.0f} texts/s), dim {manifest['dim']}")
+    _report_stats(manifest, log)
     return {**manifest, "seconds": secs}
 
 
@@ -187,6 +275,8 @@ def encode_texts(cfg, log=print) -> dict:
     """
     import ray
 
+    if _store_source(cfg):
+        return project_base_store(cfg, log)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
     res = ray.cluster_resources()
@@ -203,4 +293,5 @@ def encode_texts(cfg, log=print) -> dict:
     rate = (nv + nc) / max(secs, 1e-9)
     log(f"encoded {nv + nc} texts ({cfg.which}, dim {manifest['dim']}) with {cfg.num_actors} actor(s) "
         f"{'on GPU' if use_gpu else 'on CPU'} in {secs:.1f}s ({rate:.0f} texts/s) -> {writer.path}")
+    _report_stats(manifest, log)
     return {**manifest, "seconds": secs, "texts_per_s": rate}

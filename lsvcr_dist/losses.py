@@ -27,6 +27,37 @@ def _neg_fill(logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
 
 
+def false_negative_mask(pos_index: torch.Tensor, n: int, x_keys: torch.Tensor | None = None,
+                        y_keys: torch.Tensor | None = None, x_users: torch.Tensor | None = None,
+                        y_users: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pool entries that are not real negatives of each query: ``[B, N]`` bool, never the positive itself.
+
+    An entry is dropped when it shares the query's target id (a duplicate target: the same text scored as both
+    positive and negative) or the query's user (another instance of the same user: an overlapping history and a
+    target the user also chose). Ids ``<= 0`` mean "unknown" and never match.
+
+    Args:
+        pos_index: ``[B]`` column of each query's positive.
+        n: pool size N.
+        x_keys, y_keys: ``[B]`` / ``[N]`` target ids, or None.
+        x_users, y_users: ``[B]`` / ``[N]`` user ids, or None.
+
+    Returns:
+        ``(drop [B, N], {"masked_target", "masked_user"})``: counts of dropped entries over the B queries
+        (an entry matching both is counted as a duplicate target).
+    """
+    cols = torch.arange(n, device=pos_index.device)
+    not_pos = cols.unsqueeze(0) != pos_index.unsqueeze(1)  # [B, N]
+    same_key = torch.zeros_like(not_pos)
+    same_user = torch.zeros_like(not_pos)
+    if x_keys is not None and y_keys is not None:
+        same_key = (x_keys.unsqueeze(1) == y_keys.unsqueeze(0)) & (x_keys > 0).unsqueeze(1) & not_pos
+    if x_users is not None and y_users is not None:
+        same_user = (x_users.unsqueeze(1) == y_users.unsqueeze(0)) & (x_users > 0).unsqueeze(1) & not_pos
+    drop = same_key | same_user
+    return drop, {"masked_target": float(same_key.sum()), "masked_user": float((same_user & ~same_key).sum())}
+
+
 class InfoNCE(nn.Module):
     """InfoNCE with cosine similarity (Eq. 12): ``-log exp(cos(x, y+)/tau) / sum_{y in O_y} exp(cos(x, y)/tau)``.
 
@@ -39,40 +70,39 @@ class InfoNCE(nn.Module):
         self.tau = tau
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, pos_index: torch.Tensor, x_keys: torch.Tensor | None = None,
-                y_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+                y_keys: torch.Tensor | None = None, x_users: torch.Tensor | None = None,
+                y_users: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
         """Mean InfoNCE of the rows of ``x`` against the pool ``y``.
 
         Args:
             x: queries ``[B, D]``.
             y: contrastive pool O_y ``[N, D]`` (positives and negatives, e.g. gathered over workers).
             pos_index: ``[B]`` row of each query's positive in ``y``.
-            x_keys: ``[B]`` id of each query's positive (e.g. target text id) or None.
-            y_keys: ``[N]`` id of each pool row or None. With both keys, pool rows other than the positive whose
-                key equals the query's key are masked out of the denominator (duplicate targets are not negatives).
+            x_keys, y_keys: ``[B]`` / ``[N]`` target ids (e.g. target text ids) or None: pool rows other than the
+                positive with the query's key are masked out of the denominator (duplicate targets).
+            x_users, y_users: ``[B]`` / ``[N]`` user ids or None: pool rows other than the positive of the query's
+                user are masked too (``false_negative_mask``).
 
         Returns:
-            ``(loss, {"loss", "acc", "masked"})``: acc = share of rows whose positive has the top logit, masked =
-            masked duplicate negatives per row.
+            ``(loss, {"loss", "acc", "masked", "masked_target", "masked_user"})``: acc = share of rows whose
+            positive has the top logit; masked = masked pool entries summed over the B rows, split by reason.
         """
         if x.shape[0] != pos_index.shape[0]:
             raise ValueError(f"InfoNCE: x has {x.shape[0]} rows but pos_index has {pos_index.shape[0]}")
         logits = _cos_logits(x, y, self.tau)  # [B, N]
-        masked = 0.0
-        if x_keys is not None and y_keys is not None:
-            cols = torch.arange(y.shape[0], device=y.device)
-            same = (x_keys.unsqueeze(1) == y_keys.unsqueeze(0)) & (x_keys > 0).unsqueeze(1)
-            drop = same & (cols.unsqueeze(0) != pos_index.unsqueeze(1))
-            logits = _neg_fill(logits, drop)
-            masked = drop.float().sum(1).mean().item()
+        drop, counts = false_negative_mask(pos_index, y.shape[0], x_keys, y_keys, x_users, y_users)
+        logits = _neg_fill(logits, drop)
         loss = F.cross_entropy(logits, pos_index)
         acc = (logits.argmax(1) == pos_index).float().mean().item()
-        return loss, {"loss": loss.item(), "acc": acc, "masked": masked}
+        return loss, {"loss": loss.item(), "acc": acc, "masked": counts["masked_target"] + counts["masked_user"],
+                      **counts}
 
 
 class SSCLoss(nn.Module):
     """Sequential-supplemental preference contrast (Eq. 11): ``(InfoNCE(s, s~, R_s~) + InfoNCE(s~, s, R_s)) / 2``.
 
-    Queries stay local; each direction's pool is the gathered other side (the public code's layout).
+    Queries stay local; each direction's pool is the gathered other side (the public code's layout). With user ids,
+    the other rows of the query's user are masked in both directions (their preferences are the same user's).
     """
 
     def __init__(self, tau: float) -> None:
@@ -80,21 +110,23 @@ class SSCLoss(nn.Module):
         self.nce = InfoNCE(tau)
 
     def forward(self, s: torch.Tensor, s_tilde: torch.Tensor, s_all: torch.Tensor, s_tilde_all: torch.Tensor,
-                pos_index: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+                pos_index: torch.Tensor, users: torch.Tensor | None = None,
+                users_all: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
         """Symmetric SSC of the local rows.
 
         Args:
             s, s_tilde: local SR / LLM preferences ``[B, d]``.
             s_all, s_tilde_all: the gathered ``[N, d]`` versions (pools of each direction).
             pos_index: ``[B]`` row of each local sample in the gathered tensors.
+            users, users_all: ``[B]`` / ``[N]`` user ids for same-user masking, or None.
 
         Returns:
-            ``(loss, {"loss"})``.
+            ``(loss, {"loss", "masked"})``; masked = entries masked over both directions.
         """
-        a, _ = self.nce(s, s_tilde_all, pos_index)
-        b, _ = self.nce(s_tilde, s_all, pos_index)
+        a, ma = self.nce(s, s_tilde_all, pos_index, x_users=users, y_users=users_all)
+        b, mb = self.nce(s_tilde, s_all, pos_index, x_users=users, y_users=users_all)
         loss = 0.5 * (a + b)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.item(), "masked": ma["masked"] + mb["masked"]}
 
 
 class VCCLoss(nn.Module):
@@ -132,15 +164,18 @@ class SRLoss(nn.Module):
     Args:
         tau: temperature.
         mask_duplicate_targets: mask pool rows that share the positive's target id (paper/public code: counted).
+        mask_same_user: mask pool rows of the query's user (paper/public code: counted).
     """
 
-    def __init__(self, tau: float, mask_duplicate_targets: bool = True) -> None:
+    def __init__(self, tau: float, mask_duplicate_targets: bool = True, mask_same_user: bool = True) -> None:
         super().__init__()
         self.nce = InfoNCE(tau)
         self.mask_duplicate_targets = mask_duplicate_targets
+        self.mask_same_user = mask_same_user
 
     def forward(self, s: torch.Tensor, e_all: torch.Tensor, pos_index: torch.Tensor,
                 keys: torch.Tensor | None = None, keys_all: torch.Tensor | None = None,
+                users: torch.Tensor | None = None, users_all: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, Metrics]:
         """InfoNCE of the SR preference against the target texts.
 
@@ -149,13 +184,16 @@ class SRLoss(nn.Module):
             e_all: ``[N, d]`` gathered target vectors e = adapter(LLM(T)).
             pos_index: ``[B]`` row of each local target in ``e_all``.
             keys, keys_all: ``[B]`` / ``[N]`` target text ids (duplicate masking) or None.
+            users, users_all: ``[B]`` / ``[N]`` user ids (same-user masking) or None.
 
         Returns:
-            ``(loss, {"loss", "acc", "masked"})``.
+            ``(loss, {"loss", "acc", "masked", "masked_target", "masked_user"})``.
         """
         if not self.mask_duplicate_targets:
             keys = keys_all = None
-        return self.nce(s, e_all, pos_index, keys, keys_all)
+        if not self.mask_same_user:
+            users = users_all = None
+        return self.nce(s, e_all, pos_index, keys, keys_all, users, users_all)
 
 
 class AlignmentLoss(nn.Module):
@@ -168,13 +206,15 @@ class AlignmentLoss(nn.Module):
         use_ssc: include L_SSC (Table 4 'w/o L_SSC' when False).
         use_vcc: include L_VCC (Table 4 'w/o L_VCC' when False).
         mask_duplicate_targets: duplicate-target masking in L_SR.
+        mask_same_user: same-user masking in L_SR and L_SSC (false negatives, ``false_negative_mask``).
     """
 
     def __init__(self, tau: float = 0.07, lam: float = 1.0, mu: float = 0.5, use_ssc: bool = True,
-                 use_vcc: bool = True, mask_duplicate_targets: bool = True) -> None:
+                 use_vcc: bool = True, mask_duplicate_targets: bool = True, mask_same_user: bool = True) -> None:
         super().__init__()
         self.lam, self.mu, self.use_ssc, self.use_vcc = lam, mu, use_ssc, use_vcc
-        self.sr = SRLoss(tau, mask_duplicate_targets)
+        self.mask_same_user = mask_same_user
+        self.sr = SRLoss(tau, mask_duplicate_targets, mask_same_user)
         self.ssc = SSCLoss(tau)
         self.vcc = VCCLoss(tau)
 
@@ -182,11 +222,12 @@ class AlignmentLoss(nn.Module):
     def from_config(cls, loss) -> "AlignmentLoss":
         """Build from a ``LossConfig``."""
         return cls(tau=loss.tau, lam=loss.lam, mu=loss.mu, use_ssc=loss.use_ssc, use_vcc=loss.use_vcc,
-                   mask_duplicate_targets=loss.mask_duplicate_targets)
+                   mask_duplicate_targets=loss.mask_duplicate_targets, mask_same_user=loss.mask_same_user)
 
     def forward(self, *, loss_lm: torch.Tensor, s: torch.Tensor, s_cross: torch.Tensor, s_tilde: torch.Tensor,
                 e_all: torch.Tensor, s_all: torch.Tensor | None, s_tilde_all: torch.Tensor | None,
                 pos_index: torch.Tensor, keys: torch.Tensor | None = None, keys_all: torch.Tensor | None = None,
+                users: torch.Tensor | None = None, users_all: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, Metrics]:
         """Total alignment loss of one micro-batch.
 
@@ -199,16 +240,21 @@ class AlignmentLoss(nn.Module):
             s_all, s_tilde_all: ``[N, d]`` gathered s and s~ (may be None when ``use_ssc`` is False).
             pos_index: ``[B]`` local rows inside the gathered tensors.
             keys, keys_all: ``[B]`` / ``[N]`` target text ids for duplicate masking in L_SR.
+            users, users_all: ``[B]`` / ``[N]`` user ids for same-user masking in L_SR and L_SSC.
 
         Returns:
-            ``(loss, {"loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr"})``; a switched-off term is
-            still reported (computed without contributing) when its inputs are given, else 0.
+            ``(loss, {"loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr", "masked_sr",
+            "masked_ssc"})``; a switched-off term is still reported (computed without contributing) when its inputs
+            are given, else 0. ``masked_*`` count the pool entries masked as false negatives over the local rows.
         """
-        l_sr, m_sr = self.sr(s, e_all, pos_index, keys, keys_all)
+        if not self.mask_same_user:
+            users = users_all = None
+        l_sr, m_sr = self.sr(s, e_all, pos_index, keys, keys_all, users, users_all)
         total = loss_lm + self.lam * l_sr
         l_ssc = l_vcc = None
+        m_ssc = {"masked": 0.0}
         if s_all is not None and s_tilde_all is not None:
-            l_ssc, _ = self.ssc(s, s_tilde, s_all, s_tilde_all, pos_index)
+            l_ssc, m_ssc = self.ssc(s, s_tilde, s_all, s_tilde_all, pos_index, users, users_all)
         elif self.use_ssc:
             raise ValueError("AlignmentLoss: use_ssc=True needs the gathered s_all and s_tilde_all")
         l_vcc, _ = self.vcc(s_tilde, s, s_cross)
@@ -219,6 +265,7 @@ class AlignmentLoss(nn.Module):
         metrics = {
             "loss": total.item(), "loss_lm": float(loss_lm.detach()), "loss_sr": m_sr["loss"],
             "loss_ssc": l_ssc.item() if l_ssc is not None else 0.0, "loss_vcc": l_vcc.item(), "acc_sr": m_sr["acc"],
+            "masked_sr": m_sr["masked"], "masked_ssc": m_ssc["masked"],
         }
         return total, metrics
 

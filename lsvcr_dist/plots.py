@@ -1,7 +1,8 @@
 """PNG plots of a run (matplotlib, Agg backend; no display needed), written into ``run_dir/eval/``.
 
-* ``align_losses.png``: the alignment loss and its parts (L_LM, L_SR, L_SSC, L_VCC) per step from
-  ``run_dir/align/metrics.jsonl``;
+* ``align_losses.png``: from ``run_dir/align/metrics.jsonl``, per step, the total loss and L_LM (left) and each
+  contrastive loss beside its chance level (right): L_SR and L_SSC against ln(pool) (InfoNCE over a pool of N that
+  has learned nothing sits at ln N), L_VCC against ln 2 (its two-way softmax);
 * ``finetune_curves.png``: per task, training loss and validation NDCG@10 per epoch from
   ``run_dir/finetune/<task>/metrics.jsonl``;
 * ``metrics.png``: the test metrics table (both tasks) as grouped bars beside the chance level.
@@ -10,11 +11,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from lsvcr_dist.metrics import chance_metrics
 
-ALIGN_PARTS = ("loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc")
 HEADLINE = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
 
 
@@ -44,21 +45,41 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+CONTRASTIVE = (("loss_sr", "L_SR"), ("loss_ssc", "L_SSC"), ("loss_vcc", "L_VCC"))
+
+
+def chance_levels(rows: list[dict]) -> dict[str, float]:
+    """Chance level of each contrastive loss: ln(pool) for L_SR / L_SSC (the logged ``pool_size``), ln 2 for L_VCC."""
+    pools = {int(r["pool_size"]) for r in rows if r.get("pool_size")}
+    out = {"loss_vcc": math.log(2)}
+    if len(pools) == 1:
+        out["loss_sr"] = out["loss_ssc"] = math.log(pools.pop())
+    return out
+
+
 def plot_align_losses(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Alignment loss parts vs optimizer step (one line per part present in the log)."""
+    """Alignment losses vs optimizer step: total and L_LM (left); L_SR, L_SSC, L_VCC with dashed chance lines."""
     rows = read_jsonl(metrics_jsonl)
     if not rows:
         raise ValueError(f"{metrics_jsonl}: no metric lines")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
     steps = [r.get("step", i) for i, r in enumerate(rows)]
-    for part in ALIGN_PARTS:
+    for part in ("loss", "loss_lm"):
         if any(part in r for r in rows):
             ax.plot(steps, [r.get(part, float("nan")) for r in rows], label=part, lw=2 if part == "loss" else 1)
-    ax.set_xlabel("alignment step")
-    ax.set_ylabel("loss")
-    ax.set_title("Personalized preference alignment (Eq. 16)")
+    chance = chance_levels(rows)
+    for key, name in CONTRASTIVE:
+        if not any(key in r for r in rows):
+            continue
+        line, = bx.plot(steps, [r.get(key, float("nan")) for r in rows], label=name)
+        if key in chance:
+            label = f"chance ln {round(math.exp(chance[key]))} = {chance[key]:.2f}"
+            bx.axhline(chance[key], ls="--", lw=1, c=line.get_color(), label=f"{name} {label}")
+    ax.set(xlabel="alignment step", ylabel="loss", title="Alignment loss (Eq. 16) and L_LM (Eq. 14)")
+    bx.set(xlabel="alignment step", ylabel="InfoNCE", title="Contrastive losses vs chance (Eq. 11-13, 15)")
     ax.legend()
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -128,6 +128,7 @@ ALIGN_BATCH = {
     "prompt_attention_mask": Col("int64", ("T",)),
     "prompt_labels": Col("int64", ("T",), "-100 except target tokens and eos"),
     "prompt_last_index": Col("int64", doc="position of the instruction's final token (Eq. 10)"),
+    "user_id": Col("int64", doc="masks the user's other rows as false negatives in the contrastive pools"),
 }
 FINETUNE_BATCH = {
     **SR_BATCH,

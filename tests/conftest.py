@@ -79,3 +79,19 @@ def tiny_prepared(tiny_run, ray_local):
     run_dir, cfg_path, overrides = tiny_run
     prepare(load_config(cfg_path, "prepare", overrides), log=lambda *_: None)
     return run_dir, cfg_path, overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_encoded(tiny_prepared, tmp_path_factory):
+    """A run dir whose ``data`` links to ``tiny_prepared``'s and that holds the real base store (alignment under
+    ``llm.text_norm=standardize`` reads its statistics), encoded in-process once per session. Its own folder: other
+    tests write stand-in stores into ``tiny_prepared``'s run dir."""
+    from lsvcr_dist.config import load_config
+    from lsvcr_dist.encode import encode_texts_local
+
+    run_dir, cfg_path, _ = tiny_prepared
+    enc = tmp_path_factory.mktemp("tiny_encoded")
+    (enc / "data").symlink_to(Path(run_dir) / "data")
+    overrides = [f"run_dir={enc}"]
+    encode_texts_local(load_config(cfg_path, "encode", overrides), log=lambda *_: None)
+    return enc, cfg_path, overrides

@@ -53,11 +53,12 @@ def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path, ray_
 
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
-def test_ray_job_submit_align(tiny_prepared, tmp_path):
-    data, _, _ = tiny_prepared
+def test_ray_job_submit_align(tiny_encoded, tmp_path):
+    data, _, _ = tiny_encoded
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    (run_dir / "embeddings").mkdir(parents=True)
     (run_dir / "data").symlink_to(Path(data) / "data")
+    (run_dir / "embeddings" / "base").symlink_to(Path(data) / "embeddings" / "base")
     # Every port explicit: other Ray instances on this machine hold the fixed defaults (e.g. agent port 52365).
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(9)
     # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for --temp-dir.

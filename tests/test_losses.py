@@ -55,7 +55,7 @@ def test_infonce_masks_duplicate_keys_not_the_positive():
     row1 = -1 + math.log(1 + E + math.exp(R2))
     loss, m = InfoNCE(1.0)(x, y, pos, torch.tensor([7, 8]), torch.tensor([7, 8, 7]))
     close(loss, (math.log(1 + 1 / E) + row1) / 2)
-    assert m["masked"] == 0.5  # one masked entry over two rows
+    assert m["masked"] == 1.0 and m["masked_target"] == 1.0 and m["masked_user"] == 0.0  # one entry, two rows
     unmasked, _ = InfoNCE(1.0)(x, y, pos)
     close(unmasked, (-1 + math.log(E + 1 + math.exp(R2)) + row1) / 2)
     # SRLoss honours mask_duplicate_targets
@@ -69,6 +69,44 @@ def test_infonce_key_zero_means_no_key():
                            torch.tensor([0, 0]))
     close(loss, math.log(1 + 1 / E))
     assert m["masked"] == 0.0
+
+
+def test_same_user_rows_are_masked_in_sr_and_ssc():
+    """Pool of 3 rows, tau = 1, queries = the 3 local rows (pos_index = [0, 1, 2]), users [4, 9, 4], targets
+    [7, 8, 5] (all distinct, so only the user rule masks). Rows 0 and 2 belong to user 4: each masks the other.
+    x = [[1,0],[0,1],[1,0]], y = [[1,0],[0,1],[r,r]]:
+      row 0: keeps cols 0, 1 -> logits [1, 0] -> log(1 + e^-1)           (without the mask: + e^r in the sum)
+      row 1: keeps all -> logits [0, 1, r] -> -1 + log(1 + e + e^r)
+      row 2: keeps cols 1, 2 (col 0 masked) -> logits [0, r], positive r -> -r + log(1 + e^r)
+    L_SSC with s = x, s~ = y is the mean of both directions; direction 2 (y -> x pool):
+      row 0: y0=[1,0] vs x0, x1 -> [1, 0] -> log(1 + e^-1); row 1: y1=[0,1] vs all -> [0, 1, 0] -> -1 + log(e + 2);
+      row 2: y2=[r,r] vs x1, x2 -> [r, r] -> log 2.
+    Masked entries: 2 per direction (rows 0 and 2 each lose one)."""
+    x, y = t([[1, 0], [0, 1], [1, 0]]), t([[1, 0], [0, 1], [R2, R2]])
+    pos, users, keys = torch.tensor([0, 1, 2]), torch.tensor([4, 9, 4]), torch.tensor([7, 8, 5])
+    er = math.exp(R2)
+    d1 = (math.log(1 + 1 / E) + (-1 + math.log(1 + E + er)) + (-R2 + math.log(1 + er))) / 3
+    loss, m = SRLoss(1.0)(x, y, pos, keys, keys, users, users)
+    close(loss, d1)
+    assert (m["masked"], m["masked_user"], m["masked_target"]) == (2.0, 2.0, 0.0)
+    off, m_off = SRLoss(1.0, mask_same_user=False)(x, y, pos, keys, keys, users, users)
+    row0 = -1 + math.log(E + 1 + er)
+    row2 = -R2 + math.log(E + 1 + er)
+    close(off, (row0 + (-1 + math.log(1 + E + er)) + row2) / 3)
+    assert m_off["masked"] == 0.0
+    d2 = (math.log(1 + 1 / E) + (-1 + math.log(E + 2)) + math.log(2)) / 3
+    ssc, ms = SSCLoss(1.0)(x, y, x, y, pos, users, users)
+    close(ssc, (d1 + d2) / 2)
+    assert ms["masked"] == 4.0
+    # AlignmentLoss passes the users to both and reports the counts; mask_same_user=False turns both off
+    inputs = dict(loss_lm=torch.tensor(0.0), s=x, s_cross=y, s_tilde=y, e_all=y, s_all=x, s_tilde_all=y,
+                  pos_index=pos, keys=keys, keys_all=keys, users=users, users_all=users)
+    _, ma = AlignmentLoss(tau=1.0)(**inputs)
+    close(ma["loss_sr"], d1)
+    close(ma["loss_ssc"], (d1 + d2) / 2)
+    assert (ma["masked_sr"], ma["masked_ssc"]) == (2.0, 4.0)
+    _, mb = AlignmentLoss(tau=1.0, mask_same_user=False)(**inputs)
+    assert (mb["masked_sr"], mb["masked_ssc"]) == (0.0, 0.0)
 
 
 def test_infonce_gradient_matches_hand_derivative():

@@ -15,6 +15,8 @@ Randomness is reproducible per row and independent of batch composition: a gener
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 
@@ -74,6 +76,12 @@ class FinetuneTransform:
         if self.hist_len > int(self.dims["L"]):
             raise ValueError(f"hist_len={self.hist_len} exceeds the prepared history length L={self.dims['L']}")
         self.popular_top = int(popular_top)
+
+    def with_epoch(self, epoch: int) -> "FinetuneTransform":
+        """A copy drawing the popular comments of ``epoch`` (tables shared, nothing re-read)."""
+        out = copy.copy(self)
+        out.epoch = int(epoch)
+        return out
 
     def _popular_choice(self, video_hist: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """``[B, LH]`` comment id shown with each video record (0 = none / padding)."""

@@ -10,8 +10,9 @@ Steps (``prepare(cfg)``):
 3. Instances: both interaction tables are read with ``ray.data.read_parquet``, normalised to one event stream,
    grouped by user (``groupby("user_id").map_groups(instances.build_user_instances)``). The time split is by
    calendar day (UTC) of the target: the last ``test_days`` days are test, the ``val_days`` before validation.
-4. One Ray sort by ``(split, user_id, _seq)`` (same bytes for any block layout) is streamed to Parquet and
-   WebDataset shards of ``shard_rows`` rows per split; the manifest records counts, dims, shards, filter reasons.
+4. One Ray sort (same bytes for any block layout) is streamed to Parquet and WebDataset shards of ``shard_rows``
+   rows per split; the manifest records counts, dims, shards, filter reasons. Val/test are ordered by
+   ``(user_id, _seq)``; train by a seeded hash (``ingest.train_order_key``), so training batches mix users.
 
 Inside Ray the nested ``comment_hist_comments`` column is flattened (``shards.flatten_nested``: pyarrow 26
 corrupts sliced nested fixed lists in take/filter); shards on disk have the exact nested INSTANCE schema.
@@ -33,6 +34,7 @@ import ray
 
 from lsvcr_dist.config import PrepareConfig
 from lsvcr_dist.data import raw as raw_mod
+from lsvcr_dist.data.ingest import TRAIN_ORDER, train_order_key
 from lsvcr_dist.data.instances import EVENT_SCHEMA, FILTERED, SECONDS_PER_DAY, SPLIT_NAMES, PrepContext, \
     build_user_instances
 from lsvcr_dist.data.manifest import write_manifest
@@ -153,14 +155,17 @@ def _event_stats(raw_dir: Path, val_start_ts: int, k: int, num_videos: int) -> t
     return seen, over
 
 
-def _with_split_code(batch: pa.Table) -> pa.Table:
-    """map_batches UDF: drop filtered rows, replace ``split``/``_reason`` by an integer ``_split`` sort key."""
+def _with_split_code(batch: pa.Table, seed: int) -> pa.Table:
+    """map_batches UDF: drop filtered rows, replace ``split``/``_reason`` by an integer ``_split`` sort key and add
+    ``_order`` (the train split's seeded global order, 0 elsewhere)."""
     batch = batch.filter(pc.not_equal(batch["split"], FILTERED))
     code = np.zeros(batch.num_rows, np.int64)
     split = batch["split"].to_numpy(zero_copy_only=False)
     for i, name in enumerate(SPLIT_NAMES):
         code[split == name] = i
-    return batch.drop_columns(["split", "_reason"]).append_column("_split", pa.array(code, pa.int64()))
+    order = np.where(split == "train", train_order_key(seed, batch["user_id"].to_numpy(), batch["_seq"].to_numpy()), 0)
+    return batch.drop_columns(["split", "_reason"]).append_column("_split", pa.array(code, pa.int64())) \
+        .append_column("_order", pa.array(order, pa.int64()))
 
 
 def _np_rows(col: pa.ChunkedArray, idx: np.ndarray) -> np.ndarray:
@@ -172,7 +177,7 @@ def _np_rows(col: pa.ChunkedArray, idx: np.ndarray) -> np.ndarray:
 
 
 class _ShardWriter:
-    """Cuts the (split, user, seq)-ordered stream into shards of ``shard_rows`` rows per split, in both formats."""
+    """Cuts the sorted stream into shards of ``shard_rows`` rows per split, in both formats."""
 
     def __init__(self, data_dir: Path, formats: list[str], shard_rows: int, dims: dict[str, int]):
         self.data_dir, self.formats, self.shard_rows, self.dims = data_dir, formats, shard_rows, dims
@@ -283,9 +288,10 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print, stats: dict 
 
     manifest = {
         "schema_version": SCHEMA_VERSION, "num_users": int(stats["max_user_id"]),
-        "num_videos": int(stats["num_videos"]), "num_comments": int(stats["num_comments"]), "dims": dims, "splits": splits, "shards": shards,
-        "shard_rows": shard_counts, "tables": table_paths, "filtered": filtered, "seed": cfg.seed,
-        "raw_dir": str(raw_dir), "split_days": split_days, "comment_pad": cfg.comment_pad, "raw_stats": stats,
+        "num_videos": int(stats["num_videos"]), "num_comments": int(stats["num_comments"]), "dims": dims,
+        "splits": splits, "shards": shards, "shard_rows": shard_counts, "tables": table_paths, "filtered": filtered,
+        "seed": cfg.seed, "raw_dir": str(raw_dir), "split_days": split_days, "comment_pad": cfg.comment_pad,
+        "raw_stats": stats, "train_order": {"kind": TRAIN_ORDER, "seed": cfg.seed},
         "wds_encoding": "one <key>.inst.npy per sample: a (1,) structured int64 record, fields = INSTANCE columns",
     }
     write_manifest(data_dir, manifest)
@@ -351,8 +357,9 @@ def write_shards(inst: ray.data.Dataset, data_dir: Path, cfg: PrepareConfig, dim
     Raises:
         RuntimeError: a split's written rows differ from its counted rows (the sort/filter lost or added rows).
     """
-    # One global sort by (split, user, chronological index): shard bytes do not depend on the block layout.
-    ordered = inst.map_batches(_with_split_code, batch_format="pyarrow").sort(["_split", "user_id", "_seq"])
+    # One global sort: shard bytes do not depend on the block layout; train rows in their seeded global order.
+    ordered = inst.map_batches(_with_split_code, fn_kwargs={"seed": cfg.seed}, batch_format="pyarrow") \
+        .sort(["_split", "_order", "user_id", "_seq"])
     writer = _ShardWriter(data_dir, cfg.formats, cfg.shard_rows, dims)
     for batch in ordered.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
         writer.add(batch)

@@ -220,7 +220,7 @@ class AlignTransform:
         instr, _, _ = fit_instruction(self.tokenizer, task, video_records, comment_records, current,
                                       self.llm.max_prompt_len)
         out = tokenize_prompt(self.tokenizer, instr, target_text, self.llm.max_prompt_len, self.llm.max_target_len)
-        out.update(task=task, video_hist=vh, video_hist_comment=v_sr, comment_hist_video=ch,
+        out.update(task=task, user_id=int(r["user_id"][i]), video_hist=vh, video_hist_comment=v_sr, comment_hist_video=ch,
                    comment_hist_comments=c_sr, current_video=int(r["current_video"][i]), target_video=target,
                    target_comment=target_comment, target_text_id=text_id)
         return out

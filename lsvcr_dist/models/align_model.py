@@ -8,6 +8,10 @@ Text features of the SR model (Eq. 1-2) come from one of two sources:
   and L_VCC train the text encoder too.
 * ``store``: vectors are looked up in a frozen table (the base ``EmbeddingStore``); fast, no LLM text passes.
 
+Under ``llm.text_norm=standardize`` the online vectors are standardised with the base store's ``center``/``scale``
+(the store itself is written standardised), so both sources, and the aligned encoder, feed the SR model the same
+LLM(t) space.
+
 The target representation ``e`` (Eq. 15) is LLM(T) of the target text projected by the SR model's own text path
 (``encode_videos`` for video targets, ``encode_comments`` for comment targets; the public code uses one adapter).
 Losses are not computed here: the loop all-gathers ``s``, ``s_tilde`` and ``e`` across workers first.
@@ -15,6 +19,7 @@ Losses are not computed here: the loop all-gathers ``s``, ``s_tilde`` and ``e`` 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -83,10 +88,12 @@ class AlignModel(nn.Module):
             it is given); kept as a plain attribute,
             not a parameter or buffer, so DeepSpeed neither shards nor checkpoints it.
         text_bucket: online source: encode the texts in length-sorted chunks of at most this many (0 = one batch).
+        text_norm: online source: ``(center [H], scale [H])`` applied as ``(LLM(t) - center) / scale``, or None.
     """
 
     def __init__(self, llm: nn.Module, sr: nn.Module, num_videos: int, text_source: str = "online",
-                 text_table: torch.Tensor | None = None, text_bucket: int = 0) -> None:
+                 text_table: torch.Tensor | None = None, text_bucket: int = 0,
+                 text_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.llm = llm
         self.sr = sr
@@ -94,6 +101,7 @@ class AlignModel(nn.Module):
         self.text_source = text_source
         self.text_table = text_table
         self.text_bucket = int(text_bucket)
+        self.text_norm = text_norm  # plain attributes: neither trained, sharded nor checkpointed
 
     def text_vectors(self, text: TextInputs) -> torch.Tensor:
         """``[U + 1, Din]`` vectors of the distinct texts, row 0 = zeros (padding)."""
@@ -104,6 +112,9 @@ class AlignModel(nn.Module):
                 raise ValueError(
                     f"TextInputs: {text.input_ids.shape[0]} token rows for {text.text_ids.shape[0]} text ids")
             vecs = self.llm.encode_text(text.input_ids, text.attention_mask, self.text_bucket)  # [U, H], with grads
+            if self.text_norm is not None:
+                center, scale = (t.to(vecs.device, vecs.dtype) for t in self.text_norm)
+                vecs = (vecs - center) / scale
         else:
             top = int(text.text_ids.max()) if text.text_ids.numel() else 0
             if top >= self.text_table.shape[0]:
@@ -177,7 +188,8 @@ class AlignModel(nn.Module):
         }
 
 
-def build_align_model(cfg, num_videos: int, text_table: torch.Tensor | None = None):
+def build_align_model(cfg, num_videos: int, text_table: torch.Tensor | None = None,
+                      text_norm: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Tokenizer + ``AlignModel`` from an ``AlignStageConfig`` (LLM + LoRA + pref head, SR with text MLP).
 
     Seeded by ``cfg.seed`` so every worker builds identical initial weights.
@@ -186,6 +198,8 @@ def build_align_model(cfg, num_videos: int, text_table: torch.Tensor | None = No
         cfg: ``AlignStageConfig`` (``llm``, ``lora``, ``sr``, ``loss``, ``text_source``, ``seed``).
         num_videos: from the data manifest.
         text_table: ``[1 + V + C, Din]`` base store vectors for ``text_source='store'``.
+        text_norm: ``base_text_norm(cfg)``: ``(center [H], scale [H])`` standardising the online LLM(t) (the store
+            source reads rows already standardised), or None for raw vectors.
 
     Returns:
         ``(tokenizer, AlignModel)``.
@@ -203,4 +217,30 @@ def build_align_model(cfg, num_videos: int, text_table: torch.Tensor | None = No
         din = llm.hidden_size if cfg.text_source == "online" else int(text_table.shape[1])
         torch.manual_seed(cfg.seed + 2)
         sr = build_sr_model_from_config(cfg.sr, text_in_dim=din, use_text_mlp=True, num_videos=0)
-    return tok, AlignModel(llm, sr, num_videos, cfg.text_source, text_table, cfg.text_bucket)
+    online_norm = text_norm if cfg.text_source == "online" else None  # the store source reads standardised rows
+    if online_norm is not None and online_norm[0].shape[0] != llm.hidden_size:
+        raise ValueError(f"standardisation of width {online_norm[0].shape[0]}, but the LLM's hidden size is "
+                         f"{llm.hidden_size} (a base store of another model: re-run encode_text.py)")
+    return tok, AlignModel(llm, sr, num_videos, cfg.text_source, text_table, cfg.text_bucket, online_norm)
+
+
+def base_text_norm(cfg) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(center, scale)`` of ``run_dir/embeddings/base`` under ``llm.text_norm=standardize``, else None.
+
+    Raises:
+        FileNotFoundError: the base store is missing (names it and the job that writes it).
+        ValueError: the base store was written without standardisation.
+    """
+    if cfg.llm.text_norm != "standardize":
+        return None
+    from lsvcr_dist.embeddings import load_text_norm
+
+    path = Path(cfg.run_dir) / "embeddings" / "base"
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(f"{path}: llm.text_norm=standardize needs the base store's statistics: run "
+                                "jobs/encode_text.py encode.which=base first (or set llm.text_norm=none)")
+    norm = load_text_norm(path)
+    if norm is None:
+        raise ValueError(f"{path}: written without standardisation but llm.text_norm=standardize (re-run "
+                         "jobs/encode_text.py encode.which=base)")
+    return torch.from_numpy(norm[0]), torch.from_numpy(norm[1])

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
+from torch import nn
+
 from lsvcr_dist.models.sr_model import SRModel
+
+
+def init_text_path(sr: SRModel) -> None:
+    """Variance-preserving init of the text MLP (``llm_emb_mlp``): weights N(0, 1/fan_in), biases 0.
+
+    The public code draws every Linear from N(0, 0.02), which multiplies the signal by ``0.02 * sqrt(fan_in)`` per
+    layer: 1.28 and 0.64 for its text MLP (4096 -> 1024 -> 256) but 0.16 each at the tiny widths (64 -> 64 -> 32),
+    so there the item-dependent part of z = W1[...] came out at 1e-4 per dimension against 2e-2 for the position
+    embeddings it is added to before the LayerNorm: the SR model saw positions only and L_SR / L_SSC stayed at
+    ln(pool). N(0, 1/fan_in) keeps the text's scale through the MLP at any width (at the paper's widths it is within
+    2x of 0.02); the adapter and W1 keep 0.02 like every other layer, so text, positions and the F_c query residual
+    enter at the relative scales the public code has at its widths (measured: tests/models/test_align_model.py).
+    """
+    with torch.no_grad():
+        for lin in (m for m in sr.text_mlp.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(lin.weight, 0.0, 1.0 / math.sqrt(lin.in_features))
+            if lin.bias is not None:
+                lin.bias.zero_()
 
 
 def build_sr_model(*, text_in_dim: int, dim: int, n_layers: int, n_heads: int, inner_size: int, dropout: float,
@@ -31,12 +54,14 @@ def build_sr_model(*, text_in_dim: int, dim: int, n_layers: int, n_heads: int, i
         rand_pos_per_sample: randomized positions drawn per row instead of once per micro-batch.
 
     Returns:
-        An initialised :class:`SRModel`.
+        An initialised :class:`SRModel` (public-code init, text path by :func:`init_text_path`).
     """
-    return SRModel(text_in_dim=text_in_dim, dim=dim, n_layers=n_layers, n_heads=n_heads, inner_size=inner_size,
-                   dropout=dropout, max_position=max_position, text_dim=text_dim, text_mlp_hidden=text_mlp_hidden,
-                   use_text_mlp=use_text_mlp, num_videos=num_videos, kv_quirk=kv_quirk, fc_residual=fc_residual,
-                   rand_pos_per_sample=rand_pos_per_sample)
+    model = SRModel(text_in_dim=text_in_dim, dim=dim, n_layers=n_layers, n_heads=n_heads, inner_size=inner_size,
+                    dropout=dropout, max_position=max_position, text_dim=text_dim, text_mlp_hidden=text_mlp_hidden,
+                    use_text_mlp=use_text_mlp, num_videos=num_videos, kv_quirk=kv_quirk, fc_residual=fc_residual,
+                    rand_pos_per_sample=rand_pos_per_sample)
+    init_text_path(model)
+    return model
 
 
 def build_sr_model_from_config(sr, *, text_in_dim: int, use_text_mlp: bool = True, num_videos: int = 0) -> SRModel:

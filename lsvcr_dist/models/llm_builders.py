@@ -235,7 +235,8 @@ def apply_lora(model, cfg):
     from peft import LoraConfig, TaskType, get_peft_model
 
     lcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=resolve_lora_targets(model, list(cfg.target_modules)), bias="none")
+                      target_modules=resolve_lora_targets(model, list(cfg.target_modules)), bias="none",
+                      layers_to_transform=list(getattr(cfg, "layers", None) or []) or None)
     peft_model = get_peft_model(model, lcfg)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         # Frozen embeddings produce no grad; checkpointed blocks would then see inputs without requires_grad.

@@ -62,6 +62,9 @@ def validate_prepared(cfg: AlignStageConfig) -> dict:
     manifest = validate_shards(data_dir, "train", cfg.ingest.format)
     if cfg.text_source == "store" and not (Path(cfg.run_dir) / "embeddings" / "base" / "manifest.json").is_file():
         raise FileNotFoundError(f"text_source=store needs {Path(cfg.run_dir) / 'embeddings/base'}: run encode_text.py")
+    from lsvcr_dist.models.align_model import base_text_norm
+
+    base_text_norm(cfg)  # llm.text_norm=standardize: the base store's statistics exist, checked before any worker
     return manifest
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 BATCH_KEYS = (
     "task", "video_hist", "video_hist_comment", "comment_hist_video", "comment_hist_comments", "current_video",
     "target_video", "target_comment", "target_text_id", "prompt_input_ids", "prompt_attention_mask",
-    "prompt_labels", "prompt_last_index",
+    "prompt_labels", "prompt_last_index", "user_id",
 )
 
 
@@ -126,11 +126,12 @@ def micro_step(engine: DeepSpeedEngine, loss_fn: AlignmentLoss, batch: dict[str,
     out = engine(batch, text, rand_pos)
     b = out["s"].shape[0]
     pos = rank_offsets(b, device=out["s"].device)
-    keys = batch["target_text_id"]
+    keys, users = batch["target_text_id"], batch["user_id"]
     loss, metrics = loss_fn(
         loss_lm=out["loss_lm"], s=out["s"], s_cross=out["s_cross"], s_tilde=out["s_tilde"],
         e_all=all_gather_with_grad(out["e"]), s_all=all_gather_with_grad(out["s"]),
         s_tilde_all=all_gather_with_grad(out["s_tilde"]), pos_index=pos, keys=keys, keys_all=all_gather(keys),
+        users=users, users_all=all_gather(users),
     )
     engine.backward(loss)
     engine.step()
@@ -144,6 +145,7 @@ def micro_step(engine: DeepSpeedEngine, loss_fn: AlignmentLoss, batch: dict[str,
 
 
 _SUMMED = ("loss_sr", "loss_ssc", "loss_vcc", "acc_sr", "rest")
+_TOTALS = ("masked_sr", "masked_ssc")  # false negatives masked in the step: summed, not averaged
 
 
 def reduce_metrics(micro: list[dict], lm_reduction: str = "mean",
@@ -154,11 +156,11 @@ def reduce_metrics(micro: list[dict], lm_reduction: str = "mean",
     ``loss_lm * n_tokens`` over the sum of tokens), so 1 worker x B rows and 2 workers x B/2 rows report the same
     value; ``loss`` = that ``loss_lm`` + the mean of the other weighted terms. Collective: every worker calls it.
     """
-    vals = [0.0] * (len(_SUMMED) + 5)
+    vals = [0.0] * (len(_SUMMED) + len(_TOTALS) + 5)
     for m in micro:
         rest = m["loss"] - m["loss_lm"]
-        for i, k in enumerate(_SUMMED):
-            vals[i] += rest if k == "rest" else m[k]
+        for i, k in enumerate(_SUMMED + _TOTALS):
+            vals[i] += rest if k == "rest" else m.get(k, 0.0)
         w = m["n_target_tokens"] if lm_reduction == "mean" else 1.0
         vals[-5] += m["tokens"]
         vals[-4] += m["loss_lm"] * w
@@ -168,6 +170,7 @@ def reduce_metrics(micro: list[dict], lm_reduction: str = "mean",
     t = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=device)).tolist()
     n = max(t[-1], 1.0)
     out = {k: t[i] / n for i, k in enumerate(_SUMMED)}
+    out.update({k: t[len(_SUMMED) + i] for i, k in enumerate(_TOTALS)})
     out["loss_lm"] = t[-4] / max(t[-3], 1e-12)
     out["loss"] = out["loss_lm"] + out.pop("rest")
     out["samples"] = t[-2]

@@ -1,7 +1,8 @@
 """Recommendation-oriented fine-tuning (Section 3.4) on Ray Train with plain DDP: SR model only, no LLM.
 
 One model per task (public code): the driver (``fit_task``) builds the streamed training dataset
-(``read_instances(..., tasks=[task])`` + ``map_batches(FinetuneTransform)``) and a ``TorchTrainer``; every worker
+(``read_instances(..., tasks=[task])``) and a ``TorchTrainer``; every worker streams it (``epoch_batches``: users
+mixed, windows permuted per epoch, ``FinetuneTransform`` with the epoch's popular-comment draw) and
 runs ``train_loop_per_worker``: builds the task model (aligned SR weights + frozen aligned text table, or random init
 + base store for 'w/o Alignment'), wraps it with ``ray.train.torch.prepare_model`` (DDP), and trains with
 L_FT = L_VRT + eta * L_REG (video, Eq. 17-19) or the in-video comment cross-entropy (+ eta * L_REG). After every
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from lsvcr_dist.config import FinetuneStageConfig, from_dict, to_dict
+from lsvcr_dist.data.ft_transforms import FinetuneTransform
 from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
 from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best, store_dir
@@ -163,19 +165,17 @@ def train_loop_per_worker(config: dict) -> None:
     cfg, ddp = w.cfg, w.ddp
     per_worker = cfg.batch_size // world_size()  # >= 1: the config holds batch_size >= num_workers
     shard = ray.train.get_dataset_shard("train")
+    data_dir = Path(cfg.run_dir) / "data"
+    transform = FinetuneTransform(str(data_dir), train=True, seed=cfg.seed)
+    dims = dims_of(read_manifest(data_dir))
     bad = 0
-    if rank() == 0:
+    if rank() == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(w, 0, {"loss": None})
     for epoch in range(1, cfg.max_epochs + 1):
         ddp.train()
         sums, steps = {}, 0
-        it = shard.iter_torch_batches(batch_size=per_worker, dtypes=torch.int64, drop_last=True,
-                                      local_shuffle_buffer_size=cfg.ingest.local_shuffle_buffer or None,
-                                      local_shuffle_seed=cfg.ingest.shuffle_seed + epoch
-                                      if cfg.ingest.local_shuffle_buffer else None,
-                                      prefetch_batches=cfg.ingest.prefetch_batches)
-        for batch in it:
+        for batch in epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims):
             m = train_step(ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -194,18 +194,26 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-def build_train_dataset(cfg: FinetuneStageConfig, task: str):
-    """Streamed training rows of one task with the training-mode FinetuneTransform applied."""
-    import ray.data
+def epoch_batches(shard, cfg: FinetuneStageConfig, transform: FinetuneTransform, epoch: int, batch_size: int, rank: int, dims: dict):
+    """The training batches of one epoch on this worker: INSTANCE rows in ``ingest.epoch_iterator`` order (the
+    prepared global order, windows permuted by ``(seed, epoch, rank)``), then ``FinetuneTransform`` with this
+    epoch's popular-comment draw, as int64 tensors ``{key: [B, ...]}`` of ``schema.FINETUNE_BATCH``."""
+    from lsvcr_dist.data.ingest import epoch_iterator, shuffle_seed
 
-    from lsvcr_dist.data.ft_transforms import FinetuneTransform
+    draw = transform.with_epoch(epoch)
+    for rows in epoch_iterator(shard, batch_size, epoch, shuffle_seed(cfg), cfg.ingest.shuffle_window, rank,
+                               prefetch_batches=cfg.ingest.prefetch_batches, drop_last=True, device="cpu",
+                               dims=dims):
+        out = draw({k: v.numpy() for k, v in rows.items()})
+        yield {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def build_train_dataset(cfg: FinetuneStageConfig, task: str):
+    """Streamed INSTANCE rows of one task's train split; ``FinetuneTransform`` runs in the worker, per epoch
+    (``epoch_batches``), so each epoch draws its own popular comments without one dataset per epoch."""
     from lsvcr_dist.data.ingest import read_instances
 
-    data_dir = str(Path(cfg.run_dir) / "data")
-    ds = read_instances(data_dir, "train", cfg.ingest.format, tasks=[task])
-    return ds.map_batches(FinetuneTransform, fn_constructor_kwargs=dict(data_dir=data_dir, train=True, seed=cfg.seed),
-                          batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
-                          num_cpus=0.5)
+    return read_instances(str(Path(cfg.run_dir) / "data"), "train", cfg.ingest.format, tasks=[task])
 
 
 def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
@@ -217,6 +225,8 @@ def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from lsvcr_dist.data.ingest import ingest_data_config
+
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     trainer = TorchTrainer(
@@ -225,6 +235,7 @@ def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         datasets={"train": build_train_dataset(cfg, task)},
+        dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: same rows, same order
         run_config=RunConfig(name=f"finetune_{task}", storage_path=str(run_dir / "finetune" / "ray")),
     )
     result = trainer.fit()

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 FAULT_ENV = "LSVCR_FAULT_INJECT"
-LOGGED = ("loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr")
+LOGGED = ("loss", "loss_lm", "loss_sr", "loss_ssc", "loss_vcc", "acc_sr", "masked_sr", "masked_ssc")
 """Step metrics written to ``metrics.jsonl`` beside step, epoch, lr, throughput and pool size."""
 
 
@@ -106,7 +106,7 @@ def setup(config: dict) -> tuple[Worker, Position]:
     """Build model, engine and loss inside the worker and restore the latest checkpoint if any."""
     from lsvcr_dist.data.manifest import manifest_path, read_manifest
     from lsvcr_dist.losses import AlignmentLoss
-    from lsvcr_dist.models.align_model import build_align_model
+    from lsvcr_dist.models.align_model import base_text_norm, build_align_model
     from lsvcr_dist.train.engine import initialize_engine
 
     config = dict(config)
@@ -124,7 +124,7 @@ def setup(config: dict) -> tuple[Worker, Position]:
         from lsvcr_dist.embeddings import EmbeddingStore
 
         text_table = EmbeddingStore.open(Path(cfg.run_dir) / "embeddings" / "base").as_tensor().float()
-    tok, model = build_align_model(cfg, nv, text_table)
+    tok, model = build_align_model(cfg, nv, text_table, base_text_norm(cfg))
     encode = None
     if cfg.text_source == "online":
         from lsvcr_dist.data.transforms import TextLookup, TextTokenizer
@@ -236,12 +236,14 @@ def _all_have_batch(has: bool, device) -> bool:
 
 
 def _batches(w: Worker, epoch: int):
+    """Micro-batches of ``epoch`` on this worker (``ingest.epoch_iterator``: the prepared global order, windows
+    permuted by ``(seed, epoch, rank)``), stopping when any rank runs out so all ranks take the same steps."""
+    from lsvcr_dist.data.ingest import epoch_iterator, shuffle_seed
+
     shard = ray.train.get_dataset_shard(dataset_name(epoch, w.cfg.ingest.epoch_draws))
     ing = w.cfg.ingest
-    kw = dict(batch_size=w.cfg.deepspeed.micro_batch, drop_last=True, prefetch_batches=ing.prefetch_batches)
-    if ing.local_shuffle_buffer > 0:
-        kw.update(local_shuffle_buffer_size=ing.local_shuffle_buffer, local_shuffle_seed=ing.shuffle_seed + epoch)
-    it = iter(shard.iter_torch_batches(**kw))
+    it = iter(epoch_iterator(shard, w.cfg.deepspeed.micro_batch, epoch, shuffle_seed(w.cfg), ing.shuffle_window,
+                             w.rank, prefetch_batches=ing.prefetch_batches, drop_last=True))
     while True:
         batch = next(it, None)
         if not _all_have_batch(batch is not None, w.device):

@@ -79,3 +79,48 @@ def test_open_checks_shards_against_manifest(tmp_path):
     np.save(tmp_path / "s" / "shard-00001.npy", np.zeros((2, DIM), np.float16))
     with pytest.raises(EmbeddingError, match=r"shard-00001.npy: float16 \(2, 5\), manifest says float16 \(3, 5\)"):
         EmbeddingStore.open(tmp_path / "s")
+
+
+def test_store_stats_hand_worked():
+    """Rows [1,0], [0,1], [1,1]: pairwise cosines 0, r, r (r = 1/sqrt 2) -> mean 2r/3; mean vector [2/3, 2/3],
+    per-dimension variance 2/3 - 4/9 = 2/9, spread = sqrt(4/9) = 2/3, RMS norm sqrt(4/3)."""
+    from lsvcr_dist.embeddings import StoreStats
+
+    st = StoreStats(2)
+    st.add(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    st.add(np.array([[1.0, 1.0]]))
+    s = st.summary()
+    assert s["rows"] == 3 and s["mean_pairwise_cosine"] == pytest.approx(2 / 3 / np.sqrt(2), abs=1e-6)
+    assert s["offset_norm"] == pytest.approx(np.sqrt(2) * 2 / 3)
+    assert s["spread_norm"] == pytest.approx(2 / 3) and s["rms_norm"] == pytest.approx(np.sqrt(4 / 3))
+    assert s["dim_std"]["min"] == pytest.approx(np.sqrt(2 / 9)) == s["dim_std"]["max"]
+
+
+def test_standardized_store_and_degenerate_refused(tmp_path):
+    """x1..x4 = [1,2], [3,2], [1,6], [3,6]: mean [2, 4], std [1, 2] -> stored [-1,-1], [1,-1], [-1,1], [1,1] exactly
+    (raw titles x1, x2 have cosine 7 / sqrt(65) = 0.87, the standardised ones 0). A store of identical rows is
+    degenerate: refused without ``allow_degenerate`` (no manifest), written with it and the message kept in the
+    manifest."""
+    from lsvcr_dist.embeddings import load_text_norm
+
+    x = np.array([[1, 2], [3, 2], [1, 6], [3, 6]], np.float32)
+    w = EmbeddingWriter(tmp_path / "std", 2, 2, 2, shard_rows=3, standardize=True)
+    w.write(np.array([3, 1, 4, 2]), x[[2, 0, 3, 1]])
+    man = w.close()
+    store = EmbeddingStore.open(tmp_path / "std")
+    np.testing.assert_array_equal(store.as_array(), [[0, 0], [-1, -1], [1, -1], [-1, 1], [1, 1]])
+    center, scale = load_text_norm(tmp_path / "std")
+    np.testing.assert_array_equal(center, [2, 4])
+    np.testing.assert_array_equal(scale, [1, 2])
+    assert man["stats_raw"]["titles"]["mean_pairwise_cosine"] == pytest.approx(7 / np.sqrt(5 * 13), abs=1e-6)
+    assert man["stats"]["titles"]["mean_pairwise_cosine"] == 0.0
+    with pytest.raises(EmbeddingError, match=r"titles vectors are degenerate .*allow_degenerate"):
+        w = EmbeddingWriter(tmp_path / "deg", 2, 2, 2)
+        w.write(np.arange(1, 5), np.tile([[0.5, 0.25]], (4, 1)))
+        w.close()
+    assert not (tmp_path / "deg" / "manifest.json").exists()
+    w = EmbeddingWriter(tmp_path / "deg2", 2, 2, 2)
+    w.write(np.arange(1, 5), np.tile([[0.5, 0.25]], (4, 1)))
+    with pytest.warns(UserWarning, match="degenerate"):
+        man = w.close(allow_degenerate=True)
+    assert any("degenerate" in m for m in man["warnings"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _llm_fakes import NC, NV, make_data_dir  # noqa: E402
 
 from lsvcr_dist.config import EncodeConfig, LLMConfig, LoRAConfig, SRConfig  # noqa: E402
-from lsvcr_dist.embeddings import EmbeddingStore  # noqa: E402
+from lsvcr_dist.embeddings import EmbeddingStore, load_text_norm  # noqa: E402
 from lsvcr_dist.encode import TextEncoder, aligned_paths, encode_texts_local  # noqa: E402
 from lsvcr_dist.models.builders import build_sr_model_from_config  # noqa: E402
 from lsvcr_dist.models.llm_builders import apply_lora, build_causal_lm, build_tokenizer  # noqa: E402
@@ -65,8 +66,24 @@ def test_base_store_covers_every_text_once(run_dir):
     assert man["model"] == "tiny_glm(h=32,layers=1,seed=7)" and len(man["shards"]) == 3  # 19 rows / 7
     table = store.as_tensor().numpy()
     assert np.isfinite(table).all() and (table[0] == 0).all() and (np.abs(table[1:]).sum(1) > 0).all()
+    # llm.text_norm=standardize: stored = (LLM(t) - mean) / std over all NV + NC texts, per dimension
+    raw = _reference(run_dir, np.arange(1, NV + NC + 1))
+    center, scale = load_text_norm(Path(run_dir) / "embeddings" / "base")
+    np.testing.assert_allclose(center, raw.mean(0), atol=3e-3)  # from the fp16 raw rows
+    np.testing.assert_allclose(scale, raw.std(0), rtol=1e-2, atol=1e-3)
     ids = np.array([1, 6, NV + 1, NV + 12])
-    np.testing.assert_allclose(store.lookup(ids), _reference(run_dir, ids), rtol=2e-3, atol=2e-3)  # fp16 store
+    np.testing.assert_allclose(store.lookup(ids), (raw[ids - 1] - center) / scale, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(table[1:].mean(0), 0.0, atol=2e-3)
+    assert man["text_norm"]["kind"] == "standardize" and man["stats_raw"]["titles"]["rows"] == NV
+    assert abs(man["stats"]["comments"]["mean_pairwise_cosine"]) < man["stats_raw"]["comments"]["mean_pairwise_cosine"]
+    # llm.text_norm=none keeps LLM(t) as it is
+    raw_cfg = _cfg(run_dir / "raw_copy")
+    raw_cfg.llm = dataclasses.replace(LLM, text_norm="none")
+    shutil.copytree(Path(run_dir) / "data", run_dir / "raw_copy" / "data")
+    man_raw = encode_texts_local(raw_cfg, log=lambda *_: None)
+    assert "text_norm" not in man_raw and load_text_norm(run_dir / "raw_copy" / "embeddings" / "base") is None
+    raw_store = EmbeddingStore.open(run_dir / "raw_copy" / "embeddings" / "base")
+    np.testing.assert_allclose(raw_store.lookup(ids), raw[ids - 1], rtol=2e-3, atol=2e-3)  # fp16 store
 
 
 def test_aligned_store_is_projected_by_the_aligned_text_mlp(run_dir):
@@ -91,11 +108,44 @@ def test_aligned_store_is_projected_by_the_aligned_text_mlp(run_dir):
     store = EmbeddingStore.open(Path(run_dir) / "embeddings" / "aligned")
     assert store.dim == 6 and man["projected"] is True and man["adapter"] == str(final / "adapter")
     ids = np.array([2, NV + 5])
-    expected = _reference(run_dir, ids, adapter=str(final / "adapter"), mlp=sr.text_mlp.eval())
+    # the MLP sees LLM(t) standardised with the base store's center/scale, as during alignment
+    center, scale = (torch.from_numpy(a) for a in load_text_norm(Path(run_dir) / "embeddings" / "base"))
+    assert man["text_norm_input"] == str(Path(run_dir) / "embeddings" / "base")
+
+    def mlp(v):
+        return sr.text_mlp.eval()((v - center) / scale)
+
+    expected = _reference(run_dir, ids, adapter=str(final / "adapter"), mlp=mlp)
     np.testing.assert_allclose(store.lookup(ids), expected, rtol=2e-3, atol=2e-3)
     # The adapter matters: the base LLM through the same MLP gives other vectors.
-    base_mlp = _reference(run_dir, ids, mlp=sr.text_mlp.eval())
+    base_mlp = _reference(run_dir, ids, mlp=mlp)
     assert np.abs(store.lookup(ids) - base_mlp).max() > 1e-2
+
+
+def test_store_source_alignment_projects_the_base_store(run_dir, tmp_path):
+    """After a text_source=store alignment the aligned store is text_mlp(base row) for every text (the LLM never
+    encoded texts in that alignment, so its adapter is not applied to them)."""
+    import yaml
+
+    if not (Path(run_dir) / "embeddings" / "base" / "manifest.json").exists():  # run alone
+        encode_texts_local(_cfg(run_dir), log=lambda *_: None)
+    run = tmp_path / "store_run"
+    (run / "embeddings").mkdir(parents=True)
+    (run / "embeddings" / "base").symlink_to(Path(run_dir) / "embeddings" / "base")
+    final = run / "align" / "final"
+    (final / "adapter").mkdir(parents=True)
+    torch.manual_seed(1)
+    sr = build_sr_model_from_config(SR, text_in_dim=32)
+    save_file({k: v.contiguous() for k, v in sr.state_dict().items()}, str(final / "sr.safetensors"))
+    (final / "config.yaml").write_text(yaml.safe_dump({"text_source": "store", "llm": {"text_norm": "standardize"}}))
+    man = encode_texts_local(_cfg(run, "aligned"), log=lambda *_: None)
+    assert man["adapter"] is None and man["projected"] is True and man["model"].startswith("text_mlp(")
+    base = EmbeddingStore.open(Path(run_dir) / "embeddings" / "base").as_tensor()
+    got = EmbeddingStore.open(run / "embeddings" / "aligned").as_tensor()
+    with torch.no_grad():
+        want = sr.text_mlp.eval()(base[1:])
+    torch.testing.assert_close(got[1:], want, rtol=2e-3, atol=2e-3)
+    assert got.shape == (1 + NV + NC, SR.text_dim) and (got[0] == 0).all()
 
 
 def test_bad_which_and_missing_mlp_weights(run_dir, tmp_path):

@@ -91,13 +91,14 @@ def test_formats_equal_and_epoch_order_seeded(tiny_prepared):
         assert set(c.column("task").to_pylist()) == {1} and c.num_rows == read_manifest(data)["splits"]["val"]["comment"]
         ds = read_instances(data, "val")
 
-        def order(epoch, seed):
+        def order(epoch, seed, rank=0):
             it = ds.iterator()
-            return [int(u) * 10**11 + int(t) * 2 + int(k) for bt in epoch_iterator(it, 64, epoch, seed, 256)
+            return [int(u) * 10**11 + int(t) * 2 + int(k)
+                    for bt in epoch_iterator(it, 64, epoch, seed, 256, rank, dims=read_manifest(data)["dims"])
                     for u, t, k in zip(bt["user_id"], bt["timestamp"], bt["task"])]
 
-        e0, e0_again, e1 = order(0, 3), order(0, 3), order(1, 3)
-        assert e0 == e0_again and e0 != e1 and sorted(e0) == sorted(e1)
+        e0, e0_again, e1, r1 = order(0, 3), order(0, 3), order(1, 3), order(0, 3, rank=1)
+        assert e0 == e0_again and e0 != e1 and e0 != r1 and sorted(e0) == sorted(e1)
     finally:
         ctx.execution_options.preserve_order = old
 
@@ -126,7 +127,7 @@ def test_two_worker_ingest_every_row_once(tiny_prepared, tmp_path):
     out = tmp_path / "probe"
     trainer = TorchTrainer(
         probe_loop,
-        train_loop_config={"out_dir": str(out), "batch_size": bs, "epochs": 2, "seed": 11, "shuffle_buffer": 128,
+        train_loop_config={"out_dir": str(out), "batch_size": bs, "epochs": 2, "seed": 11, "shuffle_window": 128,
                            "dims": m["dims"]},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         datasets={"train": read_instances(data, "val")}, dataset_config=ingest_data_config(),
@@ -158,3 +159,62 @@ def test_shuffled_batches_deterministic_cover_all():
     assert sorted(flat) == list(range(37)) and len(run(5, False)[-1]) == 1
     # rows move only inside their window of 10 (bounded reordering, like a shuffle buffer)
     assert sorted(flat[:10]) == list(range(10))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
+    """The train split is written in its seeded global order: batches of 16 consecutive rows hold about 15 users
+    (val, written in (user, time) order, about 1), the same rows for the same (seed, epoch) and in another order
+    for the next epoch; a train split without that order is refused, naming the manifest."""
+    import ray
+
+    from lsvcr_dist.data.ingest import TRAIN_ORDER, epoch_iterator
+
+    run_dir, _, _ = tiny_prepared
+    data = Path(run_dir) / "data"
+    m = read_manifest(data)
+    assert m["train_order"] == {"kind": TRAIN_ORDER, "seed": m["seed"]}
+
+    def users_per_batch(split, bs=16):
+        users = np.concatenate([pq.read_table(data / f, columns=["user_id"]).column(0).to_numpy()
+                                for f in m["shards"]["parquet"][split]])
+        return np.mean([len(set(users[i:i + bs])) for i in range(0, len(users) - bs + 1, bs)])
+
+    assert users_per_batch("train") >= 14.0 and users_per_batch("val") <= 3.0
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        ds = read_instances(data, "train", tasks=["video"])
+
+        def stream(epoch):
+            return [(int(u), int(t)) for bt in epoch_iterator(ds.iterator(), 16, epoch, 5, 512, dims=m["dims"])
+                    for u, t in zip(bt["user_id"], bt["timestamp"])]
+
+        e0, e0_again, e1 = stream(0), stream(0), stream(1)
+    finally:
+        ctx.execution_options.preserve_order = old
+    assert e0 == e0_again and e0 != e1 and sorted(e0) == sorted(e1)
+    assert np.mean([len({u for u, _ in e0[i:i + 16]}) for i in range(0, len(e0), 16)]) >= 14.0
+    old_data = tmp_path / "user_ordered"
+    shutil.copytree(data, old_data)
+    legacy = {k: v for k, v in m.items() if k != "train_order"}
+    (old_data / "manifest.json").write_text(json.dumps(legacy))
+    with pytest.raises(ShardError, match=rf"{old_data / 'manifest.json'}: the train split is not in the seeded global"):
+        read_instances(old_data, "train")
+    read_instances(old_data, "val")  # evaluation splits keep (user, time) order
+
+
+def test_train_order_key_is_a_seeded_permutation():
+    """The key depends on (seed, user, seq) only: the same rows in any order give the same keys; another seed gives
+    another order; keys of 10k rows are distinct and spread over the int63 range."""
+    from lsvcr_dist.data.ingest import train_order_key
+
+    users, seqs = np.repeat(np.arange(1, 101), 100), np.tile(np.arange(100), 100)
+    k = train_order_key(7, users, seqs)
+    perm = np.random.default_rng(0).permutation(len(k))
+    assert np.array_equal(train_order_key(7, users[perm], seqs[perm]), k[perm])
+    assert len(np.unique(k)) == len(k) and k.min() >= 0 and k.max() > 2**61
+    assert not np.array_equal(np.argsort(train_order_key(8, users, seqs)), np.argsort(k))
+    first = users[np.argsort(k)][:16]  # the first batch of the order already mixes users
+    assert len(set(first.tolist())) >= 14

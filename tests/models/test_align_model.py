@@ -81,3 +81,63 @@ def test_store_source_and_missing_ids():
         model.text_vectors(TextInputs(torch.tensor([1, 10_000])))
     with pytest.raises(ValueError, match="needs text_table"):
         build_align_model(cfg, NV, text_table=None)
+
+
+def test_online_text_standardised_with_the_base_store_norm(tmp_path):
+    """text_norm=(c, s): the SR sees (LLM(t) - c) / s for every online text; the width must be the LLM's; the
+    store source is not rescaled (its rows are stored standardised); base_text_norm names a missing base store."""
+    from lsvcr_dist.embeddings import EmbeddingWriter
+    from lsvcr_dist.models.align_model import base_text_norm
+
+    cfg = _cfg()
+    tok, plain = build_align_model(cfg, NV)
+    h = plain.llm.hidden_size
+    center, scale = torch.linspace(-1, 1, h), torch.linspace(0.5, 2.0, h)
+    _, model = build_align_model(cfg, NV, text_norm=(center, scale))
+    text = text_inputs(fake_batch(4, seed=1), NV, text_encoder(tok), "cpu")
+    with torch.no_grad():
+        raw = plain.llm.encode_text(text.input_ids, text.attention_mask)
+        torch.testing.assert_close(model.text_vectors(text)[1:], (raw - center) / scale)
+    with pytest.raises(ValueError, match="hidden size"):
+        build_align_model(cfg, NV, text_norm=(center[:3], scale[:3]))
+    table = torch.randn(1 + NV + 100, 16)
+    _, store_model = build_align_model(_cfg("text_source=store"), NV, table, (center[:16], scale[:16]))
+    assert store_model.text_norm is None
+    run = _cfg(f"run_dir={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="embeddings/base: llm.text_norm=standardize needs"):
+        base_text_norm(run)
+    assert base_text_norm(_cfg(f"run_dir={tmp_path}", "llm.text_norm=none")) is None
+    w = EmbeddingWriter(tmp_path / "embeddings" / "base", 2, 1, 1, standardize=True)
+    w.write(np.array([1, 2]), np.array([[1.0, 2.0], [3.0, 6.0]]))
+    w.close()
+    c, s = base_text_norm(run)
+    assert c.tolist() == [2.0, 4.0] and s.tolist() == [1.0, 2.0]
+
+
+def test_text_reaches_the_sr_input_at_small_widths():
+    """At the tiny widths (Din 64 -> 64 -> 32 -> d 32) the item-dependent part of z = W1[title || comment] must be of
+    the order of the position embeddings it is added to: with N(0, 0.02) everywhere (the public code) it is about
+    1 % of them, with the text MLP at N(0, 1/fan_in) (``init_text_path``) about half. Inputs are standardised
+    LLM(t) vectors (``llm.text_norm``)."""
+    from lsvcr_dist.models.builders import build_sr_model_from_config
+    from lsvcr_dist.models.sr_model import SRModel
+
+    cfg = _cfg()
+    x = torch.randn(400, 64, generator=torch.Generator().manual_seed(1))
+
+    def ratio(sr):
+        with torch.no_grad():
+            z_v, _ = sr.text_features(video_title_emb=x[:, None], video_comment_emb=x[:, None],
+                                      comment_title_emb=x[:, None], comment_hist_comments=torch.ones(400, 1, 1),
+                                      comment_emb=x[:, None, None])
+        return z_v[:, 0].std(0).mean().item() / sr.pos_v.weight.std().item()
+
+    torch.manual_seed(0)
+    sr = build_sr_model_from_config(cfg.sr, text_in_dim=64)
+    for lin in (sr.text_mlp[0], sr.text_mlp[2]):
+        assert lin.weight.std().item() == pytest.approx(lin.in_features ** -0.5, rel=0.15)
+    assert sr.llm_adapter.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    torch.manual_seed(0)
+    public = SRModel(text_in_dim=64, dim=32, n_layers=2, n_heads=2, inner_size=64, dropout=0.1, max_position=50,
+                     text_dim=32, text_mlp_hidden=64)
+    assert ratio(public) < 0.05 and 0.2 < ratio(sr) < 5.0

@@ -126,6 +126,24 @@ def test_lora_maps_glm_names_to_llama_and_all_linear():
     assert len(trainable) == 14 and any("gate_proj.lora_B" in n for n in trainable)
 
 
+def test_lora_on_top_layers_only():
+    """lora.layers=[1] of a 2-layer model: adapters in layer 1 only, and the backward pass never reaches layer 0
+    (its activations need no gradient), so a hook on layer 0's output sees none."""
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1))
+    peft_model = apply_lora(m, LoRAConfig(r=2, alpha=4, dropout=0.0, layers=[1]))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 14 and all(".layers.1." in n for n in trainable)
+    seen = []
+    layer0 = peft_model.get_base_model().model.layers[0]
+    layer0.register_forward_hook(lambda mod, inp, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    peft_model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    assert seen == [False]
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_A" in n)
+
+
 def test_build_llm_recommender_trainable_set():
     tok, rec = build_llm_recommender(LLMConfig(**TINY), LoRAConfig(r=2), sr_dim=8, seed=1)
     names = {n for n, p in rec.named_parameters() if p.requires_grad}

@@ -32,6 +32,7 @@ def fake_batch(b: int, seed: int, L: int = 4, K: int = 2, T: int = 20, vocab: in
         "current_video": current_video, "target_video": target_video, "target_comment": target_comment,
         "target_text_id": target_text_id, "prompt_input_ids": ids, "prompt_attention_mask": mask,
         "prompt_labels": labels, "prompt_last_index": plen - 5,
+        "user_id": seed * 1000 + np.arange(b) + 1,  # one user per row: no same-user masking
     }
 
 

@@ -26,11 +26,12 @@ CONSTANT_LR = ["optim.schedule=constant", "optim.warmup_ratio=0"]
 
 
 def _cfg(data_from, cfg_path, run_dir, *overrides):
-    """Config of a run in its own ``run_dir`` whose ``data`` links to the session's prepared tiny data."""
+    """Config of a run in its own ``run_dir`` whose ``data`` and base store link to the session's tiny run."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "embeddings").mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data").exists():
         (run_dir / "data").symlink_to(Path(data_from) / "data")
+        (run_dir / "embeddings" / "base").symlink_to(Path(data_from) / "embeddings" / "base")
     return load_config(cfg_path, "align", [f"run_dir={run_dir}", "global_batch=8", "log_every=1", *overrides])
 
 
@@ -85,11 +86,11 @@ def _check_moved(cfg, run_dir):
 
 
 @pytest.mark.timeout(1200)
-def test_one_worker_equals_two_and_resume_by_new_submission(tiny_prepared, tmp_path):
+def test_one_worker_equals_two_and_resume_by_new_submission(tiny_encoded, tmp_path):
     """First-step loss: 1 worker x 8 rows == 2 workers x 4 rows (the dataset holds just those 8 rows, so both runs
     see them; the loss is invariant to their order: pool 8 both times, LM loss token-weighted). Then a 2-worker
     ZeRO-2 run of 6 steps vs one stopped at 3 and resubmitted to 6: identical losses at steps 4-6."""
-    data, cfg_path, _ = tiny_prepared
+    data, cfg_path, _ = tiny_encoded
     one = _cfg(data, cfg_path, tmp_path / "one", "scaling.num_workers=1", "deepspeed.micro_batch=8", "max_steps=1",
                *EXACT)
     assert run_align(one, _rows(one.run_dir, 8)).error is None
@@ -120,10 +121,10 @@ def test_one_worker_equals_two_and_resume_by_new_submission(tiny_prepared, tmp_p
 
 
 @pytest.mark.timeout(1200)
-def test_zero3_fault_restart_checkpoint_files(tiny_prepared, tmp_path):
+def test_zero3_fault_restart_checkpoint_files(tiny_encoded, tmp_path):
     """2 workers, ZeRO-3, dropout and randomized positions on; rank 1 fails at step 5, FailureConfig restarts from
     the step-3 checkpoint, the run completes with the same step-4 loss as the failed attempt logged."""
-    data, cfg_path, _ = tiny_prepared
+    data, cfg_path, _ = tiny_encoded
     cfg = _cfg(data, cfg_path, tmp_path, "scaling.num_workers=2", "deepspeed.micro_batch=4", "deepspeed.zero_stage=3",
                "max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep_last=2", "checkpoint.max_failures=1")
     result = run_align(cfg, _rows(cfg.run_dir, 16), fault_inject="step:5")

@@ -67,6 +67,56 @@ def test_transform_popular_comments_train_and_eval(run):
     assert set(tr) == set(F.schema.FINETUNE_BATCH) and all(v.dtype == np.int64 for v in tr.values())
 
 
+class _ListShard:
+    """A worker's dataset shard without Ray: ``iter_torch_batches`` slices one Arrow table into batches."""
+
+    def __init__(self, table):
+        from lsvcr_dist.data.shards import flatten_nested
+
+        self.table = flatten_nested(table)  # as read_instances streams it
+
+    def iter_torch_batches(self, batch_size, drop_last, collate_fn, dtypes, device, prefetch_batches):
+        n = self.table.num_rows
+        for start in range(0, n - batch_size + 1 if drop_last else n, batch_size):
+            yield collate_fn(self.table.slice(start, batch_size))
+
+
+def test_epoch_batches_shuffle_and_draw_per_epoch(run):
+    """The fine-tune worker's batches: the same (seed, epoch) gives the same rows in the same order with the same
+    popular-comment draw; the next epoch permutes the rows and draws the comments anew (= FinetuneTransform at that
+    epoch on the same rows)."""
+    from lsvcr_dist.data.manifest import dims_of, read_manifest
+    from lsvcr_dist.train.finetune_loop import epoch_batches
+
+    data = run / "data"
+    table = pq.read_table(data / "parquet" / "train" / "part-00000.parquet")
+    cfg = F.ft_config(run)
+    cfg.ingest.shuffle_window = 64
+    dims = dims_of(read_manifest(data))
+    tf = FinetuneTransform(str(data), train=True, seed=cfg.seed)
+
+    def epoch(e):
+        rows = list(epoch_batches(_ListShard(table), cfg, tf, e, 4, 0, dims))
+        assert all(b["video_hist"].shape == (4, F.DIMS["L"]) and b["video_hist"].dtype == torch.int64 for b in rows)
+        return {k: torch.cat([b[k] for b in rows]).numpy() for k in rows[0]}
+
+    def by_row(out):  # rows are identified by (user, task, histories, targets) in the fake data
+        keys = zip(out["user_id"], out["task"], map(tuple, out["video_hist"]), map(tuple, out["comment_hist_video"]),
+                   out["target_video"], out["target_comment"], out["current_video"])
+        return {tuple(int(x) if np.isscalar(x) else x for x in k): c.tolist()
+                for k, c in zip(keys, out["video_hist_comment"])}
+
+    e1, e1_again, e2 = epoch(1), epoch(1), epoch(2)
+    assert all(np.array_equal(e1[k], e1_again[k]) for k in e1)
+    assert not np.array_equal(e1["user_id"], e2["user_id"])  # another order
+    r1, r2 = by_row(e1), by_row(e2)
+    assert r1.keys() == r2.keys() and len(r1) == table.num_rows // 4 * 4
+    assert r1 != r2  # another draw of the top-3 popular comments
+    for e, rows in ((1, r1), (2, r2)):
+        ref = by_row(tf.with_epoch(e)(table))
+        assert all(ref[k] == v for k, v in rows.items())
+
+
 def test_transform_missing_column_is_named(run):
     table = pq.read_table(run / "data" / "parquet" / "val" / "part-00000.parquet").drop_columns(["user_seen"])
     with pytest.raises(F.schema.SchemaError, match="user_seen"):
