@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -222,6 +222,10 @@ class AlignStageConfig:
         return self.global_batch // (self.deepspeed.micro_batch * self.scaling.num_workers)
 
 
+# Metrics ``evaluate.evaluate_model`` reports at its default cut-offs (5, 10); tests keep the two in step.
+SelectMetric = Literal["recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr", "mrr@10"]
+
+
 @dataclass
 class FinetuneStageConfig:
     """``jobs/finetune.py``: recommendation-oriented fine-tuning (Section 3.4), SR model only."""
@@ -255,7 +259,9 @@ class FinetuneStageConfig:
     max_epochs: int = 50
     """Epoch limit."""
     patience: int = 5
-    """Early stop after this many evaluations without a better validation NDCG@10."""
+    """Early stop after this many evaluations without a better validation ``select_metric``."""
+    select_metric: SelectMetric = "ndcg@10"
+    """Validation metric of early stopping and best-model selection (the public code selects on ``ndcg@5``)."""
     timeout_s: int = 3600
     """Wall-clock limit of the fit."""
 
@@ -304,6 +310,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
         return value
     try:
         if tp is bool:
