@@ -5,7 +5,7 @@ One model per task (public code): the driver (``fit_task``) builds the streamed 
 runs ``train_loop_per_worker``: builds the task model (aligned SR weights + frozen aligned text table, or random init
 + base store for 'w/o Alignment'), wraps it with ``ray.train.torch.prepare_model`` (DDP), and trains with
 L_FT = L_VRT + eta * L_REG (video, Eq. 17-19) or the in-video comment cross-entropy (+ eta * L_REG). After every
-epoch rank 0 validates on the val split (4.1.3 candidates), keeps the best model by NDCG@10 in
+epoch rank 0 validates on the val split (4.1.3 candidates), keeps the best model by ``finetune.select_metric`` in
 ``run_dir/finetune/<task>/best/`` and appends a line to ``run_dir/finetune/<task>/metrics.jsonl``; all ranks stop
 together after ``patience`` epochs without improvement.
 """
@@ -26,7 +26,34 @@ from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
 from lsvcr_dist.train.engine import make_adamw
 from lsvcr_dist.train.ft_setup import build_finetune_model, load_text_table, save_best, store_dir
 
-SELECT_METRIC = "ndcg@10"
+
+
+class Selection:
+    """Best-model selection and early stopping on one validation metric (``finetune.select_metric``).
+
+    ``update(val)`` returns whether ``val[metric]`` beat every earlier value (strictly); ``stop`` turns True after
+    ``patience`` updates in a row without improvement.
+    """
+
+    def __init__(self, metric: str, patience: int):
+        self.metric, self.patience = metric, patience
+        self.best, self.bad = -1.0, 0
+
+    def update(self, val: dict) -> bool:
+        if self.metric not in val:
+            raise KeyError(f"finetune.select_metric={self.metric!r} is not among the validation metrics {sorted(val)}")
+        improved = val[self.metric] > self.best
+        if improved:
+            self.best = val[self.metric]
+        return improved
+
+    def record(self, improved: bool) -> None:
+        """Count an epoch (not the epoch-0 reference) towards ``patience``."""
+        self.bad = 0 if improved else self.bad + 1
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
 
 
 def task_dir(run_dir: str | Path, task: str) -> Path:
@@ -117,16 +144,15 @@ def train_loop_per_worker(config: dict) -> None:
     def validate(epoch: int, train_metrics: dict) -> bool:
         """Rank 0: val metrics, best-model save, log line; returns whether this epoch improved."""
         res = evaluate_model(core, data_dir, "val", task, batch_size=256, subsets=False)["metrics"]
-        nonlocal best
-        improved = res[SELECT_METRIC] > best
+        improved = sel.update(res)
         if improved:
-            best = res[SELECT_METRIC]
             save_best(out_dir / "best", core, cfg, build_args, {"epoch": epoch, "val": res},
                       manifest_path(data_dir), store, kind=cfg.model)
-        _log(log_path, {"epoch": epoch, **train_metrics, "val": res, "best": best, "time_s": time.time() - t0})
+        _log(log_path, {"epoch": epoch, **train_metrics, "val": res, "best": sel.best,
+                        "select_metric": sel.metric, "time_s": time.time() - t0})
         return improved
 
-    best, bad = -1.0, 0
+    sel = Selection(cfg.select_metric, cfg.patience)
     if rank == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(0, {"loss": None})
@@ -148,11 +174,11 @@ def train_loop_per_worker(config: dict) -> None:
         stop = False
         if rank == 0:
             ddp.eval()
-            bad = 0 if validate(epoch, train_metrics) else bad + 1
-            stop = bad >= cfg.patience or (time.time() - t0) > cfg.timeout_s
+            sel.record(validate(epoch, train_metrics))
+            stop = sel.stop or (time.time() - t0) > cfg.timeout_s
         stop = _broadcast_flag(stop)
         ray.train.report({"epoch": epoch, **{k: v for k, v in train_metrics.items() if v is not None},
-                          "best_val_" + SELECT_METRIC: best if rank == 0 else -1.0})
+                          "best_val_" + sel.metric: sel.best if rank == 0 else -1.0})
         if stop:
             break
 
