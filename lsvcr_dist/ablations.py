@@ -105,11 +105,17 @@ def table4_markdown(results: dict) -> str:
 
 
 def tables23_markdown(results: dict) -> str:
-    """Table 2 (video) and Table 3 (comment) layout: methods x (R@5, R@10, N@5, N@10, MRR)."""
+    """Table 2 (video) and Table 3 (comment) layout: methods x (R@5, R@10, N@5, N@10, MRR).
+
+    The popularity row (training-target counts, no training) comes from the main run's ``metrics.json``.
+    """
     cols = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
+    pop = results.get("LSVCR", {}).get("baselines", {}).get("popularity")
+    results = {**results, "Popularity": pop} if pop and "Popularity" not in results else results
     out = []
-    for task, title, methods in (("video", "Video recommendation (Table 2 layout)", ("SASRec", "LSVCR")),
-                                 ("comment", "Comment recommendation (Table 3 layout)", ("DSSM", "LSVCR"))):
+    for task, title, methods in (("video", "Video recommendation (Table 2 layout)", ("Popularity", "SASRec", "LSVCR")),
+                                 ("comment", "Comment recommendation (Table 3 layout)", ("Popularity", "DSSM",
+                                                                                          "LSVCR"))):
         out += [f"## {title}", "", "| method | R@5 | R@10 | N@5 | N@10 | MRR |", "|---|---|---|---|---|---|"]
         for name in methods:
             if name in results:

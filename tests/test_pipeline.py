@@ -144,13 +144,15 @@ def test_ablation_tables(tmp_path):
     from lsvcr_dist.ablations import table4_markdown, tables23_markdown, write_tables
 
     m = {"recall@5": 0.1, "recall@10": 0.2, "ndcg@5": 0.05, "ndcg@10": 0.125, "mrr": 0.3}
-    res = {"LSVCR": {"video": m, "comment": m}, "w/o L_REG": {"video": {**m, "recall@10": 0.15}},
+    res = {"LSVCR": {"video": m, "comment": m, "baselines": {"popularity": {"video": {**m, "ndcg@5": 0.04}}}},
+           "w/o L_REG": {"video": {**m, "recall@10": 0.15}},
            "SASRec": {"video": {**m, "mrr": 0.25}}}
     t4 = table4_markdown(res)
     assert "| LSVCR | 0.2000 | 0.1250 | 0.2000 | 0.1250 |" in t4
     assert "| w/o L_REG | 0.1500 | 0.1250 | - | - |" in t4 and "w/o L_SSC" not in t4
     t23 = tables23_markdown(res)
     assert "| SASRec | 0.1000 | 0.2000 | 0.0500 | 0.1250 | 0.2500 |" in t23
+    assert "| Popularity | 0.1000 | 0.2000 | 0.0400 | 0.1250 | 0.3000 |" in t23.split("## Comment")[0]
     write_tables(res, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == res
     assert (tmp_path / "table4.md").read_text() == t4
