@@ -81,7 +81,7 @@ def test_id_only_models_report_that_they_cannot_score_without_ids(run):
     """SASRec has nothing but IDs: no invented text path, the table says n/a."""
     cfg = F.ft_config(run, init="scratch", model="sasrec")
     model, _ = build_finetune_model(cfg, "video", num_videos=F.V, text_table=F.text_table())
-    with pytest.raises(IDOnlyModelError, match="SASRec scores through ID embeddings only"):
+    with pytest.raises(IDOnlyModelError, match="SASRec scores by video/comment ids only"):
         with ids_discarded(model):
             pass
     res = evaluate_model(model, run / "data", "test", "video")

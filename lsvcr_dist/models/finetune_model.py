@@ -40,7 +40,7 @@ def ids_discarded(model: nn.Module) -> Iterator[nn.Module]:
     """
     sr = getattr(model, "sr", model)
     if not getattr(sr, "has_text_path", False):
-        raise IDOnlyModelError(f"{type(sr).__name__} scores through ID embeddings only: no text path to fall back on")
+        raise IDOnlyModelError(f"{type(sr).__name__} scores by video/comment ids only: no text path to fall back on")
     prev = getattr(sr, "ids_enabled", None)
     if prev is not None:
         sr.ids_enabled = False
