@@ -151,8 +151,9 @@ def popularity_model(data_dir: str | Path, task: str) -> Popularity:
             except Exception as e:  # noqa: BLE001 - re-raised with the file named
                 raise schema.SchemaError(f"{path}: unreadable shard or missing target columns ({e})") from None
             t = t.filter(pc.equal(t.column("task"), TASK_IDS[task]))
-            yield {"target_video": torch.from_numpy(t.column("target_video").to_numpy().copy()),
-                   "target_comments": torch.from_numpy(schema.fixed_list_to_numpy(t.column("target_comments"), (k,)))}
+            comments = schema.fixed_list_to_numpy(t.column("target_comments"), (k,))
+            yield {"target_video": torch.tensor(t.column("target_video").to_numpy()),
+                   "target_comments": torch.tensor(comments)}
 
     return Popularity(Popularity.count_targets(targets(), task, num_ids), task)
 
