@@ -27,12 +27,11 @@ from lsvcr_dist.train.engine import make_adamw
 from lsvcr_dist.train.ft_setup import build_finetune_model, load_text_table, save_best, store_dir
 
 
-
 class Selection:
     """Best-model selection and early stopping on one validation metric (``finetune.select_metric``).
 
-    ``update(val)`` returns whether ``val[metric]`` beat every earlier value (strictly); ``stop`` turns True after
-    ``patience`` updates in a row without improvement.
+    ``update(val)`` returns whether ``val[metric]`` beat every earlier value (strictly); ``record(improved)`` counts
+    a trained epoch, and ``stop`` turns True after ``patience`` recorded epochs in a row without improvement.
     """
 
     def __init__(self, metric: str, patience: int):
@@ -40,6 +39,7 @@ class Selection:
         self.best, self.bad = -1.0, 0
 
     def update(self, val: dict) -> bool:
+        """Whether the validation metrics ``val`` improve on the best so far (then they become the best)."""
         if self.metric not in val:
             raise KeyError(f"finetune.select_metric={self.metric!r} is not among the validation metrics {sorted(val)}")
         improved = val[self.metric] > self.best
@@ -53,6 +53,7 @@ class Selection:
 
     @property
     def stop(self) -> bool:
+        """``patience`` recorded epochs in a row without improvement."""
         return self.bad >= self.patience
 
 
