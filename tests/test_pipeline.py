@@ -158,6 +158,24 @@ def test_ablation_tables(tmp_path):
     assert (tmp_path / "table4.md").read_text() == t4
 
 
+def test_figure4_table_reads_each_row_from_its_own_block():
+    from lsvcr_dist.ablations import figure4_markdown
+
+    def sub(v, u):
+        return {"unseen_videos": {"ndcg@10": v, "n": 10}, "unseen_users": {"ndcg@10": u, "n": 48}}
+
+    res = {"LSVCR": {"subsets": {"video": sub(0.0, 0.4)}, "ids_discarded": {"video": {"all": {}, **sub(0.03, 0.09)}},
+                     "baselines": {"popularity": {"subsets": {"video": sub(0.0, 0.2)}}}},
+           "LSVCR w/o IDs": {"subsets": {"video": sub(0.05, 0.12)}},
+           "SASRec": {"subsets": {"video": sub(0.01, 0.45)}, "ids_discarded": {"video": {"unsupported": "ids only"}}}}
+    md = figure4_markdown(res)
+    assert "| LSVCR, trained without IDs (public code's disable_id) | 0.0500 (10) | 0.1200 (48) | - | - |" in md
+    assert "| LSVCR, IDs discarded at scoring | 0.0300 (10) | 0.0900 (48) | - | - |" in md
+    assert "| LSVCR, with IDs | 0.0000 (10) | 0.4000 (48) | - | - |" in md
+    assert "| Popularity, with IDs | 0.0000 (10) | 0.2000 (48) | - | - |" in md
+    assert "SASRec, with IDs" in md and "DSSM" not in md  # absent runs leave no row
+
+
 def test_plots_written_from_run_logs(tmp_path):
     from lsvcr_dist.plots import plot_run, read_jsonl
 
