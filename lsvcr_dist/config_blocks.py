@@ -98,10 +98,10 @@ class SRConfig:
     """Public code adds the query residual + LayerNorm in F_c; paper Eq. 9 is a pure weighted sum (False)."""
     rand_pos_per_sample: bool = False
     """Randomized positions drawn per sample (True) or once per micro-batch (public code, False)."""
-    position_order: Literal["oldest_first", "recent_first"] = "oldest_first"
-    """Position index 0 = the oldest record (paper, public code) or the latest (``recent_first``: recency visible)."""
-    readout: Literal["pool", "pool_last"] = "pool"
-    """F_v: additive pooling (Eq. 8) or pooling + the last real position's state (``pool_last``, SASRec-style)."""
+    position_order: Literal["oldest_first", "recent_first"] = "recent_first"
+    """Position index 0 = the latest record (default: recency visible) or the oldest (``oldest_first``: paper, code)."""
+    readout: Literal["pool", "pool_last"] = "pool_last"
+    """F_v: pooling + the last real position's state (default, SASRec-style) or pooling alone (``pool``, Eq. 8)."""
 
 
 @dataclass
