@@ -3,7 +3,7 @@
 The full LSVCR run is the ordinary pipeline in ``run_dir``. Every variant runs into ``run_dir/ablations/<slug>/``,
 which links to the main run's raw logs, prepared data and base embedding store (never regenerated); variants that
 change only fine-tuning also link the main run's alignment outputs and aligned store, so only fine-tune + evaluate
-rerun. Results: ``run_dir/ablations/{results.json, table4.md, tables23.md}``.
+rerun. Results: ``run_dir/ablations/{results.json, table4.md, tables23.md, figure4.md}``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ TABLE4 = (
 BASELINES = (
     Variant("SASRec", "sasrec", ("finetune.init=scratch", "finetune.model=sasrec", "finetune.tasks=[video]")),
     Variant("DSSM", "dssm", ("finetune.init=scratch", "finetune.model=dssm", "finetune.tasks=[comment]")),
+    # 4.4.2 as the public code runs it (disable_id): fine-tuned without ID embeddings, text only
+    Variant("LSVCR w/o IDs", "no_ids", ("finetune.use_id=false",)),
 )
 ALL = TABLE4 + BASELINES
 SHARED = ("raw", "data", "embeddings/base")
@@ -107,11 +109,17 @@ def table4_markdown(results: dict) -> str:
 
 
 def tables23_markdown(results: dict) -> str:
-    """Table 2 (video) and Table 3 (comment) layout: methods x (R@5, R@10, N@5, N@10, MRR)."""
+    """Table 2 (video) and Table 3 (comment) layout: methods x (R@5, R@10, N@5, N@10, MRR).
+
+    The popularity row (training-target counts, no training) comes from the main run's ``metrics.json``.
+    """
     cols = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
+    pop = results.get("LSVCR", {}).get("baselines", {}).get("popularity")
+    results = {**results, "Popularity": pop} if pop and "Popularity" not in results else results
     out = []
-    for task, title, methods in (("video", "Video recommendation (Table 2 layout)", ("SASRec", "LSVCR")),
-                                 ("comment", "Comment recommendation (Table 3 layout)", ("DSSM", "LSVCR"))):
+    for task, title, methods in (("video", "Video recommendation (Table 2 layout)", ("Popularity", "SASRec", "LSVCR")),
+                                 ("comment", "Comment recommendation (Table 3 layout)", ("Popularity", "DSSM",
+                                                                                          "LSVCR"))):
         out += [f"## {title}", "", "| method | R@5 | R@10 | N@5 | N@10 | MRR |", "|---|---|---|---|---|---|"]
         for name in methods:
             if name in results:
@@ -120,10 +128,43 @@ def tables23_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+# Figure 4 rows: (label, results entry, where its subsets are: "subsets" = as scored, "ids_discarded" = the same
+# weights scored without IDs)
+FIGURE4_ROWS = (
+    ("LSVCR, trained without IDs (public code's disable_id)", "LSVCR w/o IDs", "subsets"),
+    ("LSVCR, IDs discarded at scoring", "LSVCR", "ids_discarded"),
+    ("LSVCR, with IDs", "LSVCR", "subsets"),
+    ("SASRec, with IDs (ID-only: nothing to score without them)", "SASRec", "subsets"),
+    ("DSSM (text only)", "DSSM", "subsets"),
+    ("Popularity, with IDs", "Popularity", "subsets"),
+)
+
+
+def figure4_markdown(results: dict) -> str:
+    """Section 4.4.2 / Figure 4 layout: NDCG@10 (rows) on the unseen-videos and unseen-users subsets per task."""
+    pop = results.get("LSVCR", {}).get("baselines", {}).get("popularity")
+    results = {**results, "Popularity": pop} if pop and "Popularity" not in results else results
+    cols = [(t, sub) for t in ("video", "comment") for sub in ("unseen_videos", "unseen_users")]
+    lines = ["## Unseen videos / users (Section 4.4.2, Figure 4 layout; test NDCG@10, n rows)", "",
+             "| model | " + " | ".join(f"{t} {sub.replace('_', ' ')}" for t, sub in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for label, name, where in FIGURE4_ROWS:
+        block = (results.get(name) or {}).get(where, {})
+        cells = []
+        for task, sub in cols:
+            m = block.get(task, {})
+            m = {} if "unsupported" in m else m.get(sub, {})
+            cells.append(f"{m['ndcg@10']:.4f} ({m['n']})" if m else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(results: dict, out_dir: str | Path) -> None:
-    """``results.json``, ``table4.md`` and ``tables23.md`` into ``out_dir``."""
+    """``results.json``, ``table4.md``, ``tables23.md`` and ``figure4.md`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (out / "table4.md").write_text(table4_markdown(results))
     (out / "tables23.md").write_text(tables23_markdown(results))
+    (out / "figure4.md").write_text(figure4_markdown(results))

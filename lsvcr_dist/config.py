@@ -245,6 +245,10 @@ class AlignStageConfig:
         return self.global_batch // (ds.micro_batch * world)
 
 
+# Metrics ``evaluate.evaluate_model`` reports at its default cut-offs (5, 10); tests keep the two in step.
+SelectMetric = Literal["recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr", "mrr@10"]
+
+
 @dataclass
 class FinetuneStageConfig:
     """``jobs/finetune.py``: recommendation-oriented fine-tuning (Section 3.4), SR model only."""
@@ -280,7 +284,9 @@ class FinetuneStageConfig:
     max_epochs: int = 50
     """Epochs at most; early stopping (``patience``) usually ends sooner."""
     patience: int = 5
-    """Early stop after this many evaluations without a better validation NDCG@10."""
+    """Early stop after this many evaluations without a better validation ``select_metric``."""
+    select_metric: SelectMetric = "ndcg@10"
+    """Validation metric of early stopping and best-model selection (the public code selects on ``ndcg@5``)."""
     timeout_s: int = 3600
     """Wall-clock limit of the fit."""
 

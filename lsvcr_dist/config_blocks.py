@@ -191,6 +191,10 @@ class SRConfig:
     """Public code adds the query residual + LayerNorm in F_c; paper Eq. 9 is a pure weighted sum (False)."""
     rand_pos_per_sample: bool = False
     """Randomized positions drawn per sample (True) or once per micro-batch (public code, False)."""
+    position_order: Literal["oldest_first", "recent_first"] = "recent_first"
+    """Position index 0 = the latest record (default: recency visible) or the oldest (``oldest_first``: paper, code)."""
+    readout: Literal["pool", "pool_last"] = "pool_last"
+    """F_v: pooling + the last real position's state (default, SASRec-style) or pooling alone (``pool``, Eq. 8)."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "dim", "n_layers", "n_heads", "inner_size", "max_position", "text_dim", "text_mlp_hidden")

@@ -5,7 +5,10 @@ fixed at preparation, so numbers are repeatable), applies the evaluation-mode ``
 comment) and scores the candidates with a fine-tuned model. Reported per task: Recall@5/10, NDCG@5/10, MRR
 (untruncated; ``mrr@10`` beside it), plus, for the video task, a full ranking of the target against every video, and
 the unseen-videos (``target_seen == 0``) and unseen-users (``user_seen == 0``) subsets with their row counts
-(an empty subset is ``n = 0`` with zeros, never NaN).
+(an empty subset is ``n = 0`` with zeros, never NaN). Section 4.4.2 scores those subsets with the ID embeddings
+discarded; they are reported both ways (``subsets``: IDs as trained; ``ids_discarded``: text only, see
+``finetune_model.ids_discarded``). Every run also reports the popularity baseline (training-target counts) on the
+same candidates (``baselines.popularity``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from lsvcr_dist import schema
 from lsvcr_dist.data.ft_transforms import FinetuneTransform
 from lsvcr_dist.data.manifest import read_manifest, shard_files
 from lsvcr_dist.metrics import MetricAccumulator, per_row_metrics
+from lsvcr_dist.models.baselines import Popularity
+from lsvcr_dist.models.finetune_model import IDOnlyModelError, ids_discarded
 
 TASK_IDS = {"video": schema.TASK_VIDEO, "comment": schema.TASK_COMMENT}
 HEADLINE = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
@@ -65,6 +70,30 @@ def iter_split(data_dir: str | Path, split: str, task: str, batch_size: int, tra
             yield {k: torch.from_numpy(v) for k, v in tf(part).items()}
 
 
+def _score_pass(model: torch.nn.Module, data_dir, split: str, task: str, ks, batch_size: int, full_ranking: bool,
+                subsets: bool, limit: int) -> dict:
+    """One pass over the split: accumulated metrics of every row, the full ranking and the two 4.4.2 subsets."""
+    acc = {name: MetricAccumulator(ks) for name in ("metrics", "full", "unseen_videos", "unseen_users")}
+    rows_done = 0
+    for batch in iter_split(data_dir, split, task, batch_size, limit=limit):
+        scores, pos, mask = model.eval_scores(batch)
+        rows = per_row_metrics(scores, pos, mask, ks, row_offset=rows_done)
+        acc["metrics"].update(rows)
+        if subsets:
+            acc["unseen_videos"].update(rows, batch["target_seen"] == 0)
+            acc["unseen_users"].update(rows, batch["user_seen"] == 0)
+        if full_ranking and task == "video":
+            s = model(batch)
+            all_scores = model.video_scores(s)  # [B, V + 1], column 0 masked
+            pos_all = torch.zeros_like(all_scores, dtype=torch.bool)
+            pos_all[torch.arange(len(s)), batch["target_video"]] = True
+            cand = torch.ones_like(pos_all)
+            cand[:, 0] = False
+            acc["full"].update(per_row_metrics(all_scores, pos_all, cand, ks, row_offset=rows_done))
+        rows_done += scores.shape[0]
+    return {k: a.result() for k, a in acc.items()}
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, task: str, *, ks=(5, 10),
                    batch_size: int = 256, full_ranking: bool = False, subsets: bool = True, limit: int = 0) -> dict:
@@ -78,48 +107,63 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, tas
         ks: Recall/NDCG cut-offs.
         batch_size: rows per forward.
         full_ranking: video task only: also rank the target against every video.
-        subsets: also report the unseen-videos / unseen-users subsets.
+        subsets: also report the unseen-videos / unseen-users subsets, and every row and both subsets again with
+            the ID embeddings discarded (4.4.2, ``finetune_model.ids_discarded``).
         limit: rows evaluated at most (0 = all).
 
     Returns:
         ``{"metrics": {...,"n"}, "full": {...} (video + full_ranking), "subsets": {"unseen_videos": {...},
-        "unseen_users": {...}}}``.
+        "unseen_users": {...}}, "ids_discarded": {"all": .., "unseen_videos": .., "unseen_users": ..}}``; for an
+        ID-only model ``ids_discarded`` is ``{"unsupported": reason}``.
     """
     was_training = model.training
     model.eval()
-    main, full = MetricAccumulator(ks), MetricAccumulator(ks)
-    unseen_v, unseen_u = MetricAccumulator(ks), MetricAccumulator(ks)
-    rows_done = 0
-    for batch in iter_split(data_dir, split, task, batch_size, limit=limit):
-        scores, pos, mask = model.eval_scores(batch)
-        rows = per_row_metrics(scores, pos, mask, ks, row_offset=rows_done)
-        main.update(rows)
-        if subsets:
-            unseen_v.update(rows, batch["target_seen"] == 0)
-            unseen_u.update(rows, batch["user_seen"] == 0)
-        if full_ranking and task == "video":
-            s = model(batch)
-            all_scores = model.video_scores(s)  # [B, V + 1], column 0 masked
-            pos_all = torch.zeros_like(all_scores, dtype=torch.bool)
-            pos_all[torch.arange(len(s)), batch["target_video"]] = True
-            cand = torch.ones_like(pos_all)
-            cand[:, 0] = False
-            full.update(per_row_metrics(all_scores, pos_all, cand, ks, row_offset=rows_done))
-        rows_done += scores.shape[0]
-    model.train(was_training)
-    out = {"metrics": main.result()}
+    res = _score_pass(model, data_dir, split, task, ks, batch_size, full_ranking, subsets, limit)
+    out = {"metrics": res["metrics"]}
     if full_ranking and task == "video":
-        out["full"] = full.result()
+        out["full"] = res["full"]
     if subsets:
-        out["subsets"] = {"unseen_videos": unseen_v.result(), "unseen_users": unseen_u.result()}
+        out["subsets"] = {"unseen_videos": res["unseen_videos"], "unseen_users": res["unseen_users"]}
+        try:
+            with ids_discarded(model):
+                text = _score_pass(model, data_dir, split, task, ks, batch_size, False, True, limit)
+            out["ids_discarded"] = {"all": text["metrics"], "unseen_videos": text["unseen_videos"],
+                                    "unseen_users": text["unseen_users"]}
+        except IDOnlyModelError as e:
+            out["ids_discarded"] = {"unsupported": str(e)}
+    model.train(was_training)
     return out
+
+
+def popularity_model(data_dir: str | Path, task: str) -> Popularity:
+    """The popularity baseline of ``task``: counts of the task's targets over the TRAINING split.
+
+    Reads only the ``task`` and target columns of the training shards (no transform).
+    """
+    man = read_manifest(data_dir)
+    num_ids = int(man["num_videos"] if task == "video" else man["num_comments"])
+    k = int(man["dims"]["K"])
+
+    def targets():
+        for path in shard_files(data_dir, man, "parquet", "train"):
+            try:
+                t = pq.read_table(path, columns=["task", "target_video", "target_comments"])
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise schema.SchemaError(f"{path}: unreadable shard or missing target columns ({e})") from None
+            t = t.filter(pc.equal(t.column("task"), TASK_IDS[task]))
+            comments = schema.fixed_list_to_numpy(t.column("target_comments"), (k,))
+            yield {"target_video": torch.tensor(t.column("target_video").to_numpy()),
+                   "target_comments": torch.tensor(comments)}
+
+    return Popularity(Popularity.count_targets(targets(), task, num_ids), task)
 
 
 def results_table(results: dict) -> dict:
     """Shape per-task evaluations into the ``metrics.json`` layout.
 
     ``{"video": {recall@5,..,mrr, mrr@10, n}, "comment": {...}, "video_full": {...},
-    "subsets": {"video": {"unseen_videos": .., "unseen_users": ..}, "comment": {...}}}``.
+    "subsets": {"video": {"unseen_videos": .., "unseen_users": ..}, "comment": {...}},
+    "ids_discarded": {"video": {"all": .., "unseen_videos": .., "unseen_users": ..} or {"unsupported": ..}, ...}}``.
     """
     out: dict = {}
     for task, res in results.items():
@@ -128,6 +172,8 @@ def results_table(results: dict) -> dict:
             out[f"{task}_full"] = res["full"]
         if "subsets" in res:
             out.setdefault("subsets", {})[task] = res["subsets"]
+        if "ids_discarded" in res:
+            out.setdefault("ids_discarded", {})[task] = res["ids_discarded"]
     return out
 
 
@@ -136,16 +182,32 @@ def _fmt_row(name: str, m: dict, cols=HEADLINE) -> str:
 
 
 def metrics_markdown(table: dict, title: str = "LSVCR evaluation (test split, Section 4.1.3 protocol)") -> str:
-    """The ``metrics.json`` content as a Markdown table (one row per task / variant / subset)."""
-    lines = [f"## {title}", "", "| task | " + " | ".join(HEADLINE) + " | n |",
-             "|---|" + "---|" * (len(HEADLINE) + 1)]
+    """The ``metrics.json`` content as Markdown: the model's rows (tasks, full ranking, 4.4.2 subsets with the IDs
+    as trained and with the IDs discarded) and the popularity baseline's rows beside them."""
+    head = ["| task | " + " | ".join(HEADLINE) + " | n |", "|---|" + "---|" * (len(HEADLINE) + 1)]
+    lines = [f"## {title}", "", *head, *_model_rows(table)]
+    pop = table.get("baselines", {}).get("popularity")
+    if pop:
+        lines += ["", "### Popularity baseline (training-target counts, no training, same candidates)", "", *head,
+                  *_model_rows(pop)]
+    return "\n".join(lines) + "\n"
+
+
+def _model_rows(table: dict) -> list[str]:
+    lines = []
     for task in ("video", "comment", "video_full"):
         if task in table:
             lines.append(_fmt_row(task + (" (all videos ranked)" if task == "video_full" else ""), table[task]))
     for task, subs in table.get("subsets", {}).items():
         for name, m in subs.items():
-            lines.append(_fmt_row(f"{task} / {name.replace('_', ' ')}", m))
-    return "\n".join(lines) + "\n"
+            lines.append(_fmt_row(f"{task} / {name.replace('_', ' ')} (with IDs)", m))
+    for task, subs in table.get("ids_discarded", {}).items():
+        if "unsupported" in subs:
+            lines.append(f"| {task} / IDs discarded | n/a: {subs['unsupported']} |" + " |" * len(HEADLINE))
+            continue
+        for name, m in subs.items():
+            lines.append(_fmt_row(f"{task} / {name.replace('_', ' ')} (IDs discarded, 4.4.2)", m))
+    return lines
 
 
 def write_results(table: dict, out_dir: str | Path) -> Path:
@@ -192,5 +254,8 @@ def evaluate_run(cfg, export: bool = True) -> dict:
     if not results:
         raise FileNotFoundError(f"{run_dir / 'finetune'}: no fine-tuned model (run jobs/finetune.py first)")
     table = results_table(results)
+    popular = {task: evaluate_model(popularity_model(data_dir, task), data_dir, "test", task, ks=tuple(cfg.ks),
+                                    batch_size=cfg.batch_size, full_ranking=cfg.full_ranking) for task in results}
+    table["baselines"] = {"popularity": results_table(popular)}
     write_results(table, run_dir / "eval")
     return table

@@ -27,7 +27,7 @@ from torch import nn
 
 from lsvcr_dist.config import FinetuneStageConfig, SRConfig, dump_yaml
 from lsvcr_dist.embeddings import EmbeddingStore
-from lsvcr_dist.models.builders import build_sr_model
+from lsvcr_dist.models.builders import build_sr_model, sr_config_kwargs
 from lsvcr_dist.models.finetune_model import FinetuneModel, prepare_aligned_state
 
 BEST_FILES = ("model.safetensors", "model_args.json", "config.yaml", "meta.json", "COMPLETE")
@@ -54,11 +54,8 @@ def load_text_table(path: str | Path) -> torch.Tensor:
 
 def sr_build_args(sr_cfg: SRConfig, *, text_in_dim: int, use_text_mlp: bool, num_videos: int) -> dict:
     """Plain ``build_sr_model`` kwargs from an ``SRConfig`` plus the data-dependent values."""
-    return dict(text_in_dim=int(text_in_dim), dim=sr_cfg.dim, n_layers=sr_cfg.n_layers, n_heads=sr_cfg.n_heads,
-                inner_size=sr_cfg.inner_size, dropout=sr_cfg.dropout, max_position=sr_cfg.max_position,
-                text_dim=sr_cfg.text_dim, text_mlp_hidden=sr_cfg.text_mlp_hidden, use_text_mlp=bool(use_text_mlp),
-                num_videos=int(num_videos), kv_quirk=sr_cfg.kv_quirk, fc_residual=sr_cfg.fc_residual,
-                rand_pos_per_sample=sr_cfg.rand_pos_per_sample)
+    return dict(text_in_dim=int(text_in_dim), use_text_mlp=bool(use_text_mlp), num_videos=int(num_videos),
+                **sr_config_kwargs(sr_cfg))
 
 
 def aligned_trained_positions(align_final: Path, la: int) -> int | None:

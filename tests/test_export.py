@@ -16,12 +16,17 @@ from lsvcr_dist.finetuned import build_finetune_model  # noqa: E402
 from lsvcr_dist.models.export import example_inputs, export_scorer, load_scorer  # noqa: E402
 
 
-@pytest.mark.parametrize("task,kind", [("video", "lsvcr"), ("comment", "lsvcr"), ("video", "sasrec"),
-                                       ("comment", "dssm")])
-def test_exported_scores_equal_pytorch(tmp_path, task, kind):
-    """LSVCR for both tasks and the two baselines (SASRec has no comment tower, DSSM no video tower)."""
+@pytest.mark.parametrize("task,kind,recency", [("video", "lsvcr", False), ("comment", "lsvcr", False),
+                                               ("video", "lsvcr", True), ("comment", "lsvcr", True),
+                                               ("video", "sasrec", False), ("comment", "dssm", False)])
+def test_exported_scores_equal_pytorch(tmp_path, task, kind, recency):
+    """LSVCR for both tasks (paper positions, and recent-first positions + last-state readout, whose per-row
+    position ids the trace must compute, not bake in) and the two baselines (SASRec has no comment tower, DSSM no
+    video tower)."""
     F.make_prepared(tmp_path)
     cfg = F.ft_config(tmp_path, model=kind, init="align" if kind == "lsvcr" else "scratch")  # baselines: scratch
+    if recency:
+        cfg.sr.position_order, cfg.sr.readout = "recent_first", "pool_last"
     F.write_aligned(tmp_path, cfg)
     torch.manual_seed(0)
     model, _ = build_finetune_model(cfg, task, num_videos=F.V, text_table=F.text_table(),

@@ -157,16 +157,36 @@ def test_ablation_tables(tmp_path):
     from lsvcr_dist.ablations import table4_markdown, tables23_markdown, write_tables
 
     m = {"recall@5": 0.1, "recall@10": 0.2, "ndcg@5": 0.05, "ndcg@10": 0.125, "mrr": 0.3}
-    res = {"LSVCR": {"video": m, "comment": m}, "w/o L_REG": {"video": {**m, "recall@10": 0.15}},
+    res = {"LSVCR": {"video": m, "comment": m, "baselines": {"popularity": {"video": {**m, "ndcg@5": 0.04}}}},
+           "w/o L_REG": {"video": {**m, "recall@10": 0.15}},
            "SASRec": {"video": {**m, "mrr": 0.25}}}
     t4 = table4_markdown(res)
     assert "| LSVCR | 0.2000 | 0.1250 | 0.2000 | 0.1250 |" in t4
     assert "| w/o L_REG | 0.1500 | 0.1250 | - | - |" in t4 and "w/o L_SSC" not in t4
     t23 = tables23_markdown(res)
     assert "| SASRec | 0.1000 | 0.2000 | 0.0500 | 0.1250 | 0.2500 |" in t23
+    assert "| Popularity | 0.1000 | 0.2000 | 0.0400 | 0.1250 | 0.3000 |" in t23.split("## Comment")[0]
     write_tables(res, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == res
     assert (tmp_path / "table4.md").read_text() == t4
+
+
+def test_figure4_table_reads_each_row_from_its_own_block():
+    from lsvcr_dist.ablations import figure4_markdown
+
+    def sub(v, u):
+        return {"unseen_videos": {"ndcg@10": v, "n": 10}, "unseen_users": {"ndcg@10": u, "n": 48}}
+
+    res = {"LSVCR": {"subsets": {"video": sub(0.0, 0.4)}, "ids_discarded": {"video": {"all": {}, **sub(0.03, 0.09)}},
+                     "baselines": {"popularity": {"subsets": {"video": sub(0.0, 0.2)}}}},
+           "LSVCR w/o IDs": {"subsets": {"video": sub(0.05, 0.12)}},
+           "SASRec": {"subsets": {"video": sub(0.01, 0.45)}, "ids_discarded": {"video": {"unsupported": "ids only"}}}}
+    md = figure4_markdown(res)
+    assert "| LSVCR, trained without IDs (public code's disable_id) | 0.0500 (10) | 0.1200 (48) | - | - |" in md
+    assert "| LSVCR, IDs discarded at scoring | 0.0300 (10) | 0.0900 (48) | - | - |" in md
+    assert "| LSVCR, with IDs | 0.0000 (10) | 0.4000 (48) | - | - |" in md
+    assert "| Popularity, with IDs | 0.0000 (10) | 0.2000 (48) | - | - |" in md
+    assert "SASRec, with IDs" in md and "DSSM" not in md  # absent runs leave no row
 
 
 def test_plots_written_from_run_logs(tmp_path):

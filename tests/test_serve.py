@@ -54,6 +54,10 @@ def test_evaluate_writes_metrics_and_exports(served):
         assert (run / "export" / task / "scorer.pt").is_file()
     assert on_disk["subsets"]["video"]["unseen_videos"]["n"] == 4  # rows 0, 3, 6, 9 have target_seen == 0
     assert "video_full" in on_disk and "| video |" in (run / "eval" / "metrics.md").read_text()
+    pop = on_disk["baselines"]["popularity"]  # every run reports popularity on the same candidates
+    assert pop["video"]["n"] == on_disk["video"]["n"] and pop["comment"]["n"] == on_disk["comment"]["n"]
+    assert "Popularity baseline" in (run / "eval" / "metrics.md").read_text()
+    assert on_disk["ids_discarded"]["video"]["unseen_videos"]["n"] == 4
 
 
 def test_top_k_videos_matches_model(served):

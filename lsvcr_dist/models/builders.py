@@ -31,7 +31,8 @@ def init_text_path(sr: SRModel) -> None:
 def build_sr_model(*, text_in_dim: int, dim: int, n_layers: int, n_heads: int, inner_size: int, dropout: float,
                    max_position: int, text_dim: int, text_mlp_hidden: int, use_text_mlp: bool = True,
                    num_videos: int = 0, kv_quirk: bool = False, fc_residual: bool = True,
-                   rand_pos_per_sample: bool = False) -> SRModel:
+                   rand_pos_per_sample: bool = False, position_order: str = "oldest_first",
+                   readout: str = "pool") -> SRModel:
     """Build the LSVCR SR model (Section 3.1).
 
     Args:
@@ -52,6 +53,10 @@ def build_sr_model(*, text_in_dim: int, dim: int, n_layers: int, n_heads: int, i
         kv_quirk: public-code Transformer quirk (layers >= 2 attend to the input embeddings).
         fc_residual: F_c adds the query residual + LayerNorm (public code); False = Eq. 9 weighted sum.
         rand_pos_per_sample: randomized positions drawn per row instead of once per micro-batch.
+        position_order: ``oldest_first`` (paper, public code: index 0 = oldest record) or ``recent_first``
+            (index 0 = the latest record, whatever the history length).
+        readout: ``pool`` (paper Eq. 8: F_v = additive attention pooling) or ``pool_last`` (plus the last real
+            position's state, SASRec-style).
 
     Returns:
         An initialised :class:`SRModel` (public-code init, text path by :func:`init_text_path`).
@@ -59,9 +64,17 @@ def build_sr_model(*, text_in_dim: int, dim: int, n_layers: int, n_heads: int, i
     model = SRModel(text_in_dim=text_in_dim, dim=dim, n_layers=n_layers, n_heads=n_heads, inner_size=inner_size,
                     dropout=dropout, max_position=max_position, text_dim=text_dim, text_mlp_hidden=text_mlp_hidden,
                     use_text_mlp=use_text_mlp, num_videos=num_videos, kv_quirk=kv_quirk, fc_residual=fc_residual,
-                    rand_pos_per_sample=rand_pos_per_sample)
+                    rand_pos_per_sample=rand_pos_per_sample, position_order=position_order, readout=readout)
     init_text_path(model)
     return model
+
+
+def sr_config_kwargs(sr) -> dict:
+    """The shape/behaviour kwargs of :func:`build_sr_model` held by an ``SRConfig`` (no data-dependent ones)."""
+    return dict(dim=sr.dim, n_layers=sr.n_layers, n_heads=sr.n_heads, inner_size=sr.inner_size, dropout=sr.dropout,
+                max_position=sr.max_position, text_dim=sr.text_dim, text_mlp_hidden=sr.text_mlp_hidden,
+                kv_quirk=sr.kv_quirk, fc_residual=sr.fc_residual, rand_pos_per_sample=sr.rand_pos_per_sample,
+                position_order=sr.position_order, readout=sr.readout)
 
 
 def build_sr_model_from_config(sr, *, text_in_dim: int, use_text_mlp: bool = True, num_videos: int = 0) -> SRModel:
@@ -73,8 +86,5 @@ def build_sr_model_from_config(sr, *, text_in_dim: int, use_text_mlp: bool = Tru
         use_text_mlp: see :func:`build_sr_model`.
         num_videos: see :func:`build_sr_model`.
     """
-    return build_sr_model(text_in_dim=text_in_dim, dim=sr.dim, n_layers=sr.n_layers, n_heads=sr.n_heads,
-                          inner_size=sr.inner_size, dropout=sr.dropout, max_position=sr.max_position,
-                          text_dim=sr.text_dim, text_mlp_hidden=sr.text_mlp_hidden, use_text_mlp=use_text_mlp,
-                          num_videos=num_videos, kv_quirk=sr.kv_quirk, fc_residual=sr.fc_residual,
-                          rand_pos_per_sample=sr.rand_pos_per_sample)
+    return build_sr_model(text_in_dim=text_in_dim, use_text_mlp=use_text_mlp, num_videos=num_videos,
+                          **sr_config_kwargs(sr))

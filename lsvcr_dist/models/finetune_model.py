@@ -12,6 +12,9 @@ No Ray, DeepSpeed or process-group collectives (boundary rule).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +22,33 @@ from torch import nn
 from lsvcr_dist.schema import TASK_COMMENT, TASK_VIDEO
 
 NEG_INF = -1e9
+
+
+class IDOnlyModelError(ValueError):
+    """The model scores through ID embeddings only, so nothing is left once they are discarded (4.4.2)."""
+
+
+@contextmanager
+def ids_discarded(model: nn.Module) -> Iterator[nn.Module]:
+    """Score ``model`` with every video-ID embedding discarded, text only (Section 4.4.2).
+
+    Inside the block the SR model adds no ``gate * E_id`` term anywhere: not to the history inputs (both
+    histories), not to the F_c query (the watched video), not to the candidate videos. What remains is the text path
+    of the same fine-tuned weights, i.e. exactly the forward of an SR model built without IDs (the public code's
+    ``disable_id``) holding those weights. A model without IDs (DSSM) scores as usual; an ID-only model (SASRec,
+    popularity) raises :class:`IDOnlyModelError`.
+    """
+    sr = getattr(model, "sr", model)
+    if not getattr(sr, "has_text_path", False):
+        raise IDOnlyModelError(f"{type(sr).__name__} scores by video/comment ids only: no text path to fall back on")
+    prev = getattr(sr, "ids_enabled", None)
+    if prev is not None:
+        sr.ids_enabled = False
+    try:
+        yield model
+    finally:
+        if prev is not None:
+            sr.ids_enabled = prev
 
 
 class CheckpointShapeError(ValueError):

@@ -8,6 +8,12 @@ Text path (public code): raw vector -> ``text_mlp`` (``llm_emb_mlp``, Din -> hid
 ``llm_adapter`` Linear(text_dim, d, bias=False). A video record's item feature is ``z = W1[title || popular comment]``
 (Eq. 1); a comment record's is ``z = W1[title || mean(comments)]`` (Eq. 2) with the mean over the record's real
 comments in text space (after ``text_mlp``, before the adapter).
+
+Recency (not in the paper, off by default = the paper's model): histories are oldest first and right-padded, so
+with ``position_order="oldest_first"`` (paper / public code) the most recent record's position index depends on the
+history length and F_v's additive pooling has no notion of "latest". ``position_order="recent_first"`` counts
+positions back from the most recent record (row 0 = latest); ``readout="pool_last"`` adds the last real position's
+state to F_v's pooled vector (SASRec-style readout).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from lsvcr_dist.models.layers import (
     causal_padding_mask,
 )
 
+POSITION_ORDERS = ("oldest_first", "recent_first")
+READOUTS = ("pool", "pool_last")
+
 
 class SRModel(nn.Module):
     """Two-history Transformer SR model with cross-fusion and task-specific preference extraction.
@@ -34,10 +43,19 @@ class SRModel(nn.Module):
     def __init__(self, *, text_in_dim: int, dim: int, n_layers: int, n_heads: int, inner_size: int,
                  dropout: float, max_position: int, text_dim: int, text_mlp_hidden: int, use_text_mlp: bool = True,
                  num_videos: int = 0, kv_quirk: bool = False, fc_residual: bool = True,
-                 rand_pos_per_sample: bool = False) -> None:
+                 rand_pos_per_sample: bool = False, position_order: str = "oldest_first",
+                 readout: str = "pool") -> None:
         super().__init__()
         if not use_text_mlp and text_in_dim != text_dim:
             raise ValueError(f"use_text_mlp=False needs text_in_dim == text_dim, got {text_in_dim} != {text_dim}")
+        if position_order not in POSITION_ORDERS:
+            raise ValueError(f"position_order must be one of {POSITION_ORDERS}, got {position_order!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        self.position_order = position_order
+        self.readout = readout
+        self.has_text_path = True  # scores without IDs are defined (finetune_model.ids_discarded, 4.4.2)
+        self.ids_enabled = True  # False = score through the text path only (4.4.2 'ID embedding discarded')
         self.dim = dim
         self.max_position = max_position
         self.rand_pos_per_sample = rand_pos_per_sample
@@ -88,8 +106,8 @@ class SRModel(nn.Module):
         return self.text_mlp(x)
 
     def _id_term(self, ids: torch.Tensor | None) -> torch.Tensor | float:
-        """``gate * E_id(ids)`` ``[..., d]``, or 0 when the model has no ID table or ``ids`` is None."""
-        if self.id_embedding is None or ids is None:
+        """``gate * E_id(ids)`` ``[..., d]``, or 0 without an ID table, with ``ids`` None or IDs discarded."""
+        if self.id_embedding is None or ids is None or not self.ids_enabled:
             return 0.0
         return self.gate * self.id_embedding(ids)
 
@@ -190,9 +208,33 @@ class SRModel(nn.Module):
             pos = pos.unsqueeze(0).expand(batch, length)
         return pos.to(device)
 
+    def position_ids(self, valid: torch.Tensor, rand_pos: bool,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Position index of every history slot ``[B, L]`` under ``position_order``.
+
+        ``oldest_first``: slot j gets ``positions(...)[:, j]`` (``arange`` or the ascending random draw), so the
+        latest record of a history of length n sits at index n-1. ``recent_first``: slot j of a row with n real
+        records gets ``positions(...)[:, n-1-j]``: the latest record takes the smallest index (0 without
+        randomization), the order is kept, and padding slots take index 0 (they are masked everywhere).
+
+        Args:
+            valid: bool ``[B, L]``, True on real records (oldest first, right-padded).
+            rand_pos: randomized positions (3.1.2).
+            generator: RNG of the random draw.
+        """
+        b, n = valid.shape
+        pos = self.positions(b, n, rand_pos, generator, valid.device)
+        if self.position_order == "oldest_first":
+            return pos
+        back = valid.long().sum(1, keepdim=True) - 1 - torch.arange(n, device=valid.device)  # [B, L]
+        return torch.gather(pos, 1, back.clamp(min=0))
+
     @torch.no_grad()
     def resize_positions(self, new_len: int, mode: str = "mean", generator: torch.Generator | None = None) -> None:
         """Grow both position tables to ``new_len`` rows, keeping the old rows.
+
+        The new rows are the largest indices: later records of long histories with ``oldest_first``, records
+        further back than alignment saw with ``recent_first`` (the latest record keeps its aligned row 0).
 
         Args:
             new_len: new ``max_position`` (>= the current one).
@@ -252,9 +294,16 @@ class SRModel(nn.Module):
     def _encode_inputs(self, z: torch.Tensor, ids: torch.Tensor, table: nn.Embedding, norm: nn.LayerNorm,
                        rand_pos: bool, generator: torch.Generator | None) -> torch.Tensor:
         """``dropout(LayerNorm(z + gate*E_id + P))`` for one history ``[B, L, d]``."""
-        b, n = ids.shape
-        pos = table(self.positions(b, n, rand_pos, generator, ids.device))
+        pos = table(self.position_ids(ids > 0, rand_pos, generator))
         return self.dropout(norm(z + self._id_term(ids) + pos))
+
+    def _f_v(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """F_v (Eq. 8) over ``h [B, L, d]``; with ``readout="pool_last"`` plus the last real row ``h[b, n_b - 1]``."""
+        pooled = self.f_v(h, valid)
+        if self.readout == "pool":
+            return pooled
+        last = (valid.long().sum(1) - 1).clamp(min=0)  # [B]
+        return pooled + h[torch.arange(h.shape[0], device=h.device), last]
 
     def forward(self, *, video_hist: torch.Tensor, video_title_emb: torch.Tensor, video_comment_emb: torch.Tensor,
                 comment_hist_video: torch.Tensor, comment_title_emb: torch.Tensor,
@@ -276,7 +325,8 @@ class SRModel(nn.Module):
             task: ``[B]`` 0 = video task, 1 = comment task.
             current_video: ``[B]`` id of the watched video (adds ``gate*E_id`` to the F_c query) or None.
             video_hist_comment: ``[B, Lv]`` popular-comment ids (0 = none -> zero comment vector) or None.
-            rand_pos: randomized positions (alignment, 3.1.2); False = ``arange`` (fine-tune, inference).
+            rand_pos: randomized positions (alignment, 3.1.2); False = ``arange`` (fine-tune, inference); either
+                counted from the oldest or the latest record (``position_order``).
             generator: RNG of the randomized positions (tests, reproducibility).
 
         Returns:
@@ -302,8 +352,8 @@ class SRModel(nn.Module):
         hh_v = self.fuse_v(torch.cat([h_v, ht_v], -1))
         hh_c = self.fuse_c(torch.cat([h_c, ht_c], -1))
         query = self.encode_videos(current_title_emb, current_video)  # [B, d]
-        s_v = self.f_v(hh_v, valid_v)  # Eq. 8
-        s_v_cross = self.f_v(hh_c, valid_c)
+        s_v = self._f_v(hh_v, valid_v)  # Eq. 8
+        s_v_cross = self._f_v(hh_c, valid_c)
         s_c = self.f_c(query, hh_c, valid_c)  # Eq. 9
         s_c_cross = self.f_c(query, hh_v, valid_v)
         is_video = (task == 0).unsqueeze(-1)

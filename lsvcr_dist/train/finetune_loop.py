@@ -6,7 +6,7 @@ mixed, windows permuted per epoch, ``FinetuneTransform`` with the epoch's popula
 runs ``train_loop_per_worker``: builds the task model (aligned SR weights + frozen aligned text table, or random init
 + base store for 'w/o Alignment'), wraps it with ``ray.train.torch.prepare_model`` (DDP), and trains with
 L_FT = L_VRT + eta * L_REG (video, Eq. 17-19) or the in-video comment cross-entropy (+ eta * L_REG). After every
-epoch rank 0 validates on the val split (4.1.3 candidates), keeps the best model by NDCG@10 in
+epoch rank 0 validates on the val split (4.1.3 candidates), keeps the best model by ``finetune.select_metric`` in
 ``run_dir/finetune/<task>/best/`` and appends a line to ``run_dir/finetune/<task>/metrics.jsonl``; all ranks stop
 together after ``patience`` epochs without improvement.
 """
@@ -30,9 +30,38 @@ from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
 from lsvcr_dist.train.distributed import all_reduce_mean, broadcast_flag, rank, world_size
 from lsvcr_dist.train.engine import make_adamw
 
-SELECT_METRIC = "ndcg@10"
 VAL_BATCH = 256
 """Validation rows scored per forward pass (memory only: the metrics do not depend on it)."""
+
+
+class Selection:
+    """Best-model selection and early stopping on one validation metric (``finetune.select_metric``).
+
+    ``update(val)`` returns whether ``val[metric]`` beat every earlier value (strictly); ``record(improved)`` counts
+    a trained epoch, and ``stop`` turns True after ``patience`` recorded epochs in a row without improvement.
+    """
+
+    def __init__(self, metric: str, patience: int):
+        self.metric, self.patience = metric, patience
+        self.best, self.bad = -1.0, 0
+
+    def update(self, val: dict) -> bool:
+        """Whether the validation metrics ``val`` improve on the best so far (then they become the best)."""
+        if self.metric not in val:
+            raise KeyError(f"finetune.select_metric={self.metric!r} is not among the validation metrics {sorted(val)}")
+        improved = val[self.metric] > self.best
+        if improved:
+            self.best = val[self.metric]
+        return improved
+
+    def record(self, improved: bool) -> None:
+        """Count an epoch (not the epoch-0 reference) towards ``patience``."""
+        self.bad = 0 if improved else self.bad + 1
+
+    @property
+    def stop(self) -> bool:
+        """``patience`` recorded epochs in a row without improvement."""
+        return self.bad >= self.patience
 
 
 def task_dir(run_dir: str | Path, task: str) -> Path:
@@ -107,8 +136,8 @@ class FinetuneWorker:
     """``run_dir/finetune/<task>``: ``best/`` and ``metrics.jsonl``."""
     t0: float
     """Start time (``timeout_s`` and the logged ``time_s``)."""
-    best: float = -1.0
-    """Best validation ``SELECT_METRIC`` so far (rank 0)."""
+    sel: Selection
+    """Best-model selection and early stopping on ``finetune.select_metric`` (rank 0)."""
 
 
 def setup(config: dict) -> FinetuneWorker:
@@ -131,7 +160,8 @@ def setup(config: dict) -> FinetuneWorker:
     opt = make_adamw(params, cfg.optim, "cuda" if torch.cuda.is_available() else "cpu")
     task_loss = VRTLoss(cfg.loss.tau) if task == "video" else CommentRankLoss(cfg.loss.tau)
     w = FinetuneWorker(cfg, task, model, ddp, build_args, store, opt, task_loss, FinetuneLoss.from_config(cfg.loss),
-                       torch.Generator().manual_seed(cfg.seed * 1000 + rank()), task_dir(run_dir, task), time.time())
+                       torch.Generator().manual_seed(cfg.seed * 1000 + rank()), task_dir(run_dir, task), time.time(),
+                       Selection(cfg.select_metric, cfg.patience))
     if rank() == 0:
         w.out_dir.mkdir(parents=True, exist_ok=True)
         (w.out_dir / "metrics.jsonl").write_text("")  # a rerun starts a fresh curve
@@ -142,13 +172,12 @@ def validate(w: FinetuneWorker, epoch: int, train_metrics: dict) -> bool:
     """Rank 0: val metrics, best-model save, log line; returns whether this epoch improved."""
     data_dir = Path(w.cfg.run_dir) / "data"
     res = evaluate_model(w.model, data_dir, "val", w.task, batch_size=VAL_BATCH, subsets=False)["metrics"]
-    improved = res[SELECT_METRIC] > w.best
+    improved = w.sel.update(res)
     if improved:
-        w.best = res[SELECT_METRIC]
         save_best(w.out_dir / "best", w.model, w.cfg, w.build_args, {"epoch": epoch, "val": res},
                   manifest_path(data_dir), w.store, kind=w.cfg.model)
-    _log(w.out_dir / "metrics.jsonl", {"epoch": epoch, **train_metrics, "val": res, "best": w.best,
-                                       "time_s": time.time() - w.t0})
+    _log(w.out_dir / "metrics.jsonl", {"epoch": epoch, **train_metrics, "val": res, "best": w.sel.best,
+                                       "select_metric": w.sel.metric, "time_s": time.time() - w.t0})
     return improved
 
 
@@ -157,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     Epoch 0 validates the model before fine-tuning (the "did it learn" reference); then every epoch trains on this
     worker's shard, validates on rank 0 and stops on every rank after ``patience`` epochs without a better
-    validation NDCG@10 (or past ``timeout_s``).
+    validation ``select_metric`` (or past ``timeout_s``).
     """
     import ray.train
 
@@ -168,7 +197,6 @@ def train_loop_per_worker(config: dict) -> None:
     data_dir = Path(cfg.run_dir) / "data"
     transform = FinetuneTransform(str(data_dir), train=True, seed=cfg.seed)
     dims = dims_of(read_manifest(data_dir))
-    bad = 0
     if rank() == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(w, 0, {"loss": None})
@@ -185,23 +213,24 @@ def train_loop_per_worker(config: dict) -> None:
         stop = False
         if rank() == 0:
             ddp.eval()
-            bad = 0 if validate(w, epoch, train_metrics) else bad + 1
-            stop = bad >= cfg.patience or (time.time() - w.t0) > cfg.timeout_s
+            w.sel.record(validate(w, epoch, train_metrics))
+            stop = w.sel.stop or (time.time() - w.t0) > cfg.timeout_s
         stop = broadcast_flag(stop)
         ray.train.report({"epoch": epoch, **{k: v for k, v in train_metrics.items() if v is not None},
-                          "best_val_" + SELECT_METRIC: w.best if rank() == 0 else -1.0})
+                          "best_val_" + w.sel.metric: w.sel.best if rank() == 0 else -1.0})
         if stop:
             break
 
 
-def epoch_batches(shard, cfg: FinetuneStageConfig, transform: FinetuneTransform, epoch: int, batch_size: int, rank: int, dims: dict):
+def epoch_batches(shard, cfg: FinetuneStageConfig, transform: FinetuneTransform, epoch: int, batch_size: int,
+                  worker_rank: int, dims: dict):
     """The training batches of one epoch on this worker: INSTANCE rows in ``ingest.epoch_iterator`` order (the
     prepared global order, windows permuted by ``(seed, epoch, rank)``), then ``FinetuneTransform`` with this
     epoch's popular-comment draw, as int64 tensors ``{key: [B, ...]}`` of ``schema.FINETUNE_BATCH``."""
     from lsvcr_dist.data.ingest import epoch_iterator, shuffle_seed
 
     draw = transform.with_epoch(epoch)
-    for rows in epoch_iterator(shard, batch_size, epoch, shuffle_seed(cfg), cfg.ingest.shuffle_window, rank,
+    for rows in epoch_iterator(shard, batch_size, epoch, shuffle_seed(cfg), cfg.ingest.shuffle_window, worker_rank,
                                prefetch_batches=cfg.ingest.prefetch_batches, drop_last=True, device="cpu",
                                dims=dims):
         out = draw({k: v.numpy() for k, v in rows.items()})

@@ -253,3 +253,110 @@ def test_store_vectors_skip_the_text_mlp():
     torch.testing.assert_close(m.encode_comments(x), m.llm_adapter(x))
     with pytest.raises(ValueError, match="text_in_dim == text_dim"):
         _model(use_text_mlp=False, text_in_dim=12)
+
+
+# ------------------------------------------------------------------------------------------ recency flags
+def test_position_ids_hand_checked_for_a_right_padded_batch():
+    """_batch() video lengths 3, 5, 1, 2: oldest_first counts 0.. from the oldest, recent_first from the latest."""
+    valid = _batch()["video_hist"] > 0
+    old = _model().position_ids(valid, rand_pos=False)
+    assert old.tolist() == [[0, 1, 2, 3, 4]] * 4
+    rec = _model(position_order="recent_first").position_ids(valid, rand_pos=False)
+    assert rec.tolist() == [[2, 1, 0, 0, 0], [4, 3, 2, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
+    # randomized positions: one ascending draw p (shared by the batch); the latest record takes p[0]
+    m = _model(position_order="recent_first")
+    p = m.positions(B, LV, rand_pos=True, generator=torch.Generator().manual_seed(4))[0].tolist()
+    got = m.position_ids(valid, rand_pos=True, generator=torch.Generator().manual_seed(4)).tolist()
+    assert got == [[p[2], p[1], p[0], p[0], p[0]], [p[4], p[3], p[2], p[1], p[0]], [p[0]] * 5, [p[1], p[0], p[0], p[0], p[0]]]
+    # per-sample draws keep the order: strictly descending over the real records of every row
+    ps = _model(position_order="recent_first", rand_pos_per_sample=True).position_ids(
+        valid, rand_pos=True, generator=torch.Generator().manual_seed(1))
+    for row, n in zip(ps, valid.sum(1).tolist()):
+        assert (row[: n - 1] > row[1:n]).all()
+
+
+def test_recent_first_equals_oldest_first_with_the_table_reversed_on_full_rows():
+    """On a row with no padding, recent_first reads P[L-1-j] at slot j: the same as oldest_first over reversed rows."""
+    b = _batch()
+    # row 1's video history (length 5 = LV) with row 2's comment history (length 4 = LC): no padding in either
+    full = {k: v[[1]].clone() for k, v in b.items()}
+    for k in ("comment_hist_video", "comment_hist_comments", "comment_emb", "comment_title_emb"):
+        full[k] = b[k][[2]].clone()
+    assert (full["video_hist"] > 0).all() and (full["comment_hist_video"] > 0).all()
+    rec = _strong(_model(position_order="recent_first"))
+    old = _strong(_model())
+    with torch.no_grad():
+        old.pos_v.weight[:LV].copy_(rec.pos_v.weight[:LV].flip(0))
+        old.pos_c.weight[:LC].copy_(rec.pos_c.weight[:LC].flip(0))
+    for k in ("s_v", "s_c", "s_cross"):
+        torch.testing.assert_close(rec(**full)[k], old(**full)[k])
+    # ...while the same weights under the other order give another user vector
+    assert (_strong(_model())(**full)["s_v"] - rec(**full)["s_v"]).abs().max() > 1e-3
+
+
+def test_position_order_changes_only_rows_with_more_than_one_record():
+    """One record in each history sits at position 0 under both orders (same output, bit for bit); rows with
+    longer histories read other position vectors (other outputs)."""
+    b = _batch()
+    old, rec = _strong(_model()), _strong(_model(position_order="recent_first"))
+    one = {k: v[[2]].clone() for k, v in b.items()}  # video history: one record
+    one["comment_hist_video"] = torch.tensor([[4, 0, 0, 0]])  # comment history: one record
+    one["comment_hist_comments"] = one["comment_hist_comments"] * (one["comment_hist_video"] > 0).unsqueeze(-1)
+    a, c = old(**one), rec(**one)
+    for k in ("s_v", "s_c", "s_cross"):
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=0)
+    a, c = old(**b), rec(**b)
+    for k in ("s_v", "s_c"):
+        assert ((a[k] - c[k]).abs().amax(1) > 1e-4).all(), k  # every row of _batch() has a longer history
+
+
+def test_pool_last_adds_the_last_real_state_to_f_v_only():
+    m = _strong(_model(readout="pool_last"))
+    h = torch.randn(3, 4, D)
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    torch.testing.assert_close(m._f_v(h, valid) - m.f_v(h, valid), h[[0, 1, 2], [1, 3, 0]])
+    b = _batch()
+    pool, last = _strong(_model())(**b), m(**b)
+    torch.testing.assert_close(pool["s_c"], last["s_c"], rtol=0, atol=0)  # F_c is untouched
+    assert (pool["s_v"] - last["s_v"]).abs().min() > 0
+    with pytest.raises(ValueError, match="readout must be one of"):
+        _model(readout="last")
+    with pytest.raises(ValueError, match="position_order must be one of"):
+        _model(position_order="newest")
+
+
+@pytest.mark.parametrize("kw", [dict(position_order="recent_first"), dict(readout="pool_last"),
+                                dict(position_order="recent_first", readout="pool_last", rand_pos_per_sample=True)])
+def test_recency_flags_keep_gradients_on_every_parameter_and_padding_inert(kw):
+    m = _model(dropout=0.1, **kw).train()
+    out = m(**_batch(), rand_pos=True, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(B, D, generator=torch.Generator().manual_seed(9))
+    ((out["s"] - target).pow(2).sum() + (out["s_cross"] * target).sum()).backward()
+    zero = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert zero == [], zero
+    # padding slots never change s (their position ids are clamped and masked)
+    m = _strong(_model(**kw))
+    b = _batch()
+    ref = m(**b)
+    p = dict(b)
+    pad_v = (b["video_hist"] == 0).unsqueeze(-1)
+    p["video_title_emb"] = torch.where(pad_v, torch.randn_like(b["video_title_emb"]) * 50, b["video_title_emb"])
+    torch.testing.assert_close(m(**p)["s"], ref["s"], rtol=1e-5, atol=1e-6)
+
+
+def test_recent_first_extension_keeps_the_latest_record_on_its_aligned_row():
+    """Alignment trains 10 rows; fine-tune grows to 12: the latest record keeps row 0, the 11th/12th back get the
+    mean-filled rows."""
+    aligned = _model(num_videos=0, position_order="recent_first")
+    ft = _model(num_videos=20, max_position=12, position_order="recent_first")
+    ft.load_aligned_state(aligned.state_dict(), position_mode="mean")
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    ids = ft.position_ids(valid, rand_pos=False)
+    assert ids.tolist() == [list(range(11, -1, -1))]
+    vec = ft.pos_v(ids)[0]
+    torch.testing.assert_close(vec[11], aligned.pos_v.weight[0])  # the latest record
+    torch.testing.assert_close(vec[2], aligned.pos_v.weight[9])  # 10th back: last aligned row
+    torch.testing.assert_close(vec[0], aligned.pos_v.weight.mean(0))  # 12th back: extension
+    # a short history reads only aligned rows, whatever the fine-tune table length
+    short = ft.position_ids(torch.tensor([[True, True, True, False] + [False] * 8]), rand_pos=False)
+    assert short[0, :3].tolist() == [2, 1, 0]
