@@ -3,7 +3,7 @@
 Layout of ``run_dir/embeddings/<which>/``::
 
     manifest.json        model id/kind, adapter (or null), pooling, dim, count, num_videos, num_comments,
-                         projected, dtype, shard_rows, shards [{file, start, rows}]
+                         projected, dtype, shard_rows, shards [{file, start, rows, bytes, sha256}]
     shard-00000.npy      rows [0, shard_rows) in text-id order; row 0 (text id 0, padding) is zeros
     shard-00001.npy      ...
 
@@ -13,17 +13,32 @@ pre-sized memory-mapped shards, refuses a second write of an id and NaN/inf vect
 ``close()`` checks that every id 1..count was written exactly once before it writes the manifest.
 
 Disk: ``(1 + count) * dim * 2`` bytes (fp16).
+
+Integrity: ``close()`` records each shard's size and sha256. ``open()`` checks every shard's size, and with
+``verify="full"`` (the default; ``LSVCR_STORE_VERIFY=size`` makes ``"size"`` the default) also its sha256 and that
+every vector is finite, naming the shard and the text id. Full verification reads the whole store once (shards in
+parallel): measured in ``benchmarks/RESULTS.md``.
+
+A run records its store relative to the run directory (``store_ref``/``resolve_store``), so a copied or moved run
+reads its own store.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from lsvcr_dist.checksums import check_record, file_record
+
 MANIFEST = "manifest.json"
 FORMAT = "lsvcr-embeddings/1"
+VERIFY_MODES = ("full", "size")
+SCAN_ROWS = 1 << 16
+"""Rows per block of the finite-value scan at open (bounds the float32 temporary)."""
 
 
 class EmbeddingError(ValueError):
@@ -115,9 +130,12 @@ class EmbeddingWriter:
         if len(missing):
             raise EmbeddingError(f"{self.path}: {len(missing)} text ids never written, e.g. {missing[:5].tolist()}")
         shards = []
-        for s, arr in enumerate(self.shards):
+        for arr in self.shards:
             arr.flush()
-            shards.append({"file": shard_name(s), "start": s * self.shard_rows, "rows": int(arr.shape[0])})
+        with ThreadPoolExecutor(4) as pool:  # sha256 releases the GIL: shards hash in parallel
+            records = list(pool.map(lambda i: file_record(self.path / shard_name(i)), range(len(self.shards))))
+        for s, (arr, rec) in enumerate(zip(self.shards, records)):
+            shards.append({"file": shard_name(s), "start": s * self.shard_rows, "rows": int(arr.shape[0]), **rec})
         manifest = {
             "format": FORMAT, "model": None, "kind": None, "adapter": None, "pooling": "mean", "projected": False,
             **self.meta,
@@ -149,14 +167,23 @@ class EmbeddingStore:
         self.shard_rows = int(manifest["shard_rows"])
 
     @classmethod
-    def open(cls, path: str | Path) -> "EmbeddingStore":
-        """Open a complete store (``np.load(mmap_mode="r")`` per shard).
+    def open(cls, path: str | Path, verify: str | None = None) -> "EmbeddingStore":
+        """Open a complete store (``np.load(mmap_mode="r")`` per shard) and check it against its manifest.
+
+        Args:
+            path: store folder.
+            verify: ``"full"``: size, sha256 and finite values of every shard (reads the store once);
+                ``"size"``: sizes only (no read). Default: ``$LSVCR_STORE_VERIFY`` or ``"full"``.
 
         Raises:
             FileNotFoundError: no manifest (the store was never finished).
-            EmbeddingError: a shard missing or whose shape/dtype disagrees with the manifest (names the file).
+            EmbeddingError: a shard missing, unreadable (e.g. a pickled object array), of the wrong shape/dtype,
+                size or checksum, or holding a NaN/inf vector; names the file (and the text id).
         """
         path = Path(path)
+        verify = verify or os.environ.get("LSVCR_STORE_VERIFY", "full")
+        if verify not in VERIFY_MODES:
+            raise EmbeddingError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         man_path = path / MANIFEST
         if not man_path.exists():
             raise FileNotFoundError(f"{man_path}: no embedding store manifest (run jobs/encode_text.py)")
@@ -169,7 +196,10 @@ class EmbeddingStore:
             f = path / entry["file"]
             if not f.exists():
                 raise EmbeddingError(f"{f}: shard listed in the manifest is missing")
-            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            try:
+                arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:  # pickled object arrays land here: never unpickled
+                raise EmbeddingError(f"{f}: not a float16 .npy shard ({e})") from None
             if arr.dtype != np.float16 or arr.shape != (entry["rows"], manifest["dim"]):
                 raise EmbeddingError(f"{f}: {arr.dtype} {arr.shape}, manifest says float16 "
                                      f"({entry['rows']}, {manifest['dim']})")
@@ -180,6 +210,7 @@ class EmbeddingStore:
         if expect_start != manifest["count"] + 1:
             raise EmbeddingError(f"{man_path}: shards hold {expect_start} rows, expected count + 1 = "
                                  f"{manifest['count'] + 1}")
+        _verify_shards(path, manifest["shards"], shards, full=verify == "full")
         return cls(path, manifest, shards)
 
     def lookup(self, text_ids: np.ndarray) -> np.ndarray:
@@ -215,3 +246,48 @@ class EmbeddingStore:
         import torch
 
         return torch.from_numpy(self.as_array())
+
+
+def _scan_finite(f: Path, arr: np.ndarray, start: int) -> str | None:
+    """The first non-finite row of one shard as an error naming the text id (None when all are finite)."""
+    for r0 in range(0, arr.shape[0], SCAN_ROWS):
+        ok = np.isfinite(arr[r0: r0 + SCAN_ROWS]).all(axis=1)
+        if not ok.all():
+            return f"{f}: non-finite vector for text id {start + r0 + int(np.flatnonzero(~ok)[0])}"
+    return None
+
+
+def _verify_shards(path: Path, entries: list[dict], arrays: list[np.ndarray], full: bool) -> None:
+    """Sizes of every shard first (no read), then with ``full`` finite values and sha256, shards in parallel.
+
+    A manifest written before checksums were recorded has no ``bytes``/``sha256``: only what is recorded is checked.
+    """
+    for e in entries:
+        problem = check_record(path / e["file"], e, full=False)
+        if problem:
+            raise EmbeddingError(problem)
+    if not full:
+        return
+
+    def one(i: int) -> str | None:
+        f = path / entries[i]["file"]
+        return _scan_finite(f, arrays[i], int(entries[i]["start"])) or check_record(f, entries[i], full=True)
+
+    with ThreadPoolExecutor(4) as pool:
+        problems = list(pool.map(one, range(len(entries))))
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise EmbeddingError(problem)
+
+
+def store_ref(store: str | Path, run_dir: str | Path) -> str:
+    """How a run records its store: relative to ``run_dir`` when the store is inside it (so a copied or moved run
+    reads its own store), absolute otherwise."""
+    s, r = Path(os.path.abspath(store)), Path(os.path.abspath(run_dir))
+    return s.relative_to(r).as_posix() if s.is_relative_to(r) else str(s)
+
+
+def resolve_store(ref: str | Path, run_dir: str | Path) -> Path:
+    """The store a recorded reference points at: relative references are under ``run_dir``."""
+    p = Path(ref)
+    return p if p.is_absolute() else Path(run_dir) / p

@@ -79,3 +79,52 @@ def test_open_checks_shards_against_manifest(tmp_path):
     np.save(tmp_path / "s" / "shard-00001.npy", np.zeros((2, DIM), np.float16))
     with pytest.raises(EmbeddingError, match=r"shard-00001.npy: float16 \(2, 5\), manifest says float16 \(3, 5\)"):
         EmbeddingStore.open(tmp_path / "s")
+
+
+def test_manifest_records_shard_sizes_and_checksums(tmp_path):
+    import hashlib
+
+    man = _write(tmp_path / "s", range(1, 8))
+    for entry in man["shards"]:
+        data = (tmp_path / "s" / entry["file"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_changed_bytes_in_a_shard_are_caught_at_open(tmp_path):
+    """Before: 60 random bytes in a shard changed the vectors (and the metrics) silently."""
+    _write(tmp_path / "s", range(1, 8))
+    shard = tmp_path / "s" / "shard-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-30:] = bytes(range(30))  # last 30 bytes = 15 fp16 values of text ids 4..5: all finite
+    shard.write_bytes(bytes(data))
+    with pytest.raises(EmbeddingError, match=rf"{shard}: sha256 .* differs from the recorded .* \(corrupted\)"):
+        EmbeddingStore.open(tmp_path / "s")
+    assert EmbeddingStore.open(tmp_path / "s", verify="size").count == 7  # the cheap mode checks sizes only
+    shard.write_bytes(bytes(data[:-10]))  # truncated: caught by the size check in either mode
+    with pytest.raises(EmbeddingError, match=rf"{shard}: "):
+        EmbeddingStore.open(tmp_path / "s", verify="size")
+
+
+def test_pickled_object_array_refused_naming_the_file(tmp_path):
+    """Before: numpy's 'Object arrays cannot be loaded when allow_pickle=False', no file named."""
+    _write(tmp_path / "s", range(1, 8))
+    shard = tmp_path / "s" / "shard-00002.npy"
+    np.save(shard, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(EmbeddingError, match=rf"{shard}: not a float16 .npy shard \(.*Python objects"):
+        EmbeddingStore.open(tmp_path / "s")
+
+
+def test_nan_vector_in_a_store_named_at_open(tmp_path):
+    """A store whose recorded checksums match but holds a NaN (written by another tool, or before checksums were
+    recorded): open names the text id instead of metrics turning NaN later."""
+    _write(tmp_path / "s", range(1, 8))
+    shard = tmp_path / "s" / "shard-00001.npy"  # rows 3..5
+    arr = np.load(shard)
+    arr[2, 1] = np.nan  # text id 5
+    np.save(shard, arr)
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for entry in man["shards"]:
+        entry.pop("sha256"), entry.pop("bytes")  # a manifest from before checksums existed
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(EmbeddingError, match=rf"{shard}: non-finite vector for text id 5"):
+        EmbeddingStore.open(tmp_path / "s")
