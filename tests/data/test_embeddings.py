@@ -114,7 +114,8 @@ def test_pickled_object_array_refused_naming_the_file(tmp_path):
         EmbeddingStore.open(tmp_path / "s")
 
 
-def test_nan_vector_in_a_store_named_at_open(tmp_path):
+@pytest.mark.parametrize("block", [8 << 20, 6])  # one read per shard; 6-byte reads straddle header and rows
+def test_nan_vector_in_a_store_named_at_open(tmp_path, monkeypatch, block):
     """A store whose recorded checksums match but holds a NaN (written by another tool, or before checksums were
     recorded): open names the text id instead of metrics turning NaN later."""
     _write(tmp_path / "s", range(1, 8))
@@ -126,5 +127,11 @@ def test_nan_vector_in_a_store_named_at_open(tmp_path):
     for entry in man["shards"]:
         entry.pop("sha256"), entry.pop("bytes")  # a manifest from before checksums existed
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
+    monkeypatch.setattr("lsvcr_dist.embeddings.BLOCK", block)
     with pytest.raises(EmbeddingError, match=rf"{shard}: non-finite vector for text id 5"):
+        EmbeddingStore.open(tmp_path / "s")
+    arr[2, 1] = 1.0
+    arr[0, 4] = -np.inf  # text id 3, last element of its row
+    np.save(shard, arr)
+    with pytest.raises(EmbeddingError, match=rf"{shard}: non-finite vector for text id 3"):
         EmbeddingStore.open(tmp_path / "s")
