@@ -2,7 +2,8 @@
 
 ``Recommender.load(run_dir)`` opens ``run_dir/export/{video,comment}/scorer.pt`` (TorchScript, see
 ``models/export.py``), the embedding store named in ``export.json`` (relative to ``run_dir`` unless absolute;
-memory-mapped, checksums verified at load; vectors are looked up per request), and the popular-comment table of the prepared data. All video vectors are encoded once at load time.
+memory-mapped, checksums verified at load; vectors are looked up per request), and the popular-comment table of
+the prepared data. All video vectors are encoded once at load time.
 
 Histories are given oldest first:
   * ``video_hist``: list of video ids;

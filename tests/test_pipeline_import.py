@@ -53,7 +53,8 @@ def test_pipeline_keeps_imported_tables_byte_for_byte(tmp_path):
     import import_logs
 
     run = tmp_path / "run"
-    assert import_logs.main(["--format", "recbole", "--src", str(_src(tmp_path / "ml")), "--out", str(run / "raw")]) == 0
+    src = _src(tmp_path / "ml")
+    assert import_logs.main(["--format", "recbole", "--src", str(src), "--out", str(run / "raw")]) == 0
     before = _sums(run / "raw")
     runner = Runner()
     with pytest.raises(StageError, match="stage 'prepare'"):

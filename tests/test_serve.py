@@ -102,7 +102,8 @@ def test_request_ids_and_k_are_validated(served):
     rec = Recommender.load(run)
     C = F.C
     bad = [
-        (lambda: rec.top_k_videos([1], [(1, [-5])], k=3), rf"comment_hist\[0\] comments\[0\]: comment id -5 outside 1..{C}"),
+        (lambda: rec.top_k_videos([1], [(1, [-5])], k=3),
+         rf"comment_hist\[0\] comments\[0\]: comment id -5 outside 1..{C}"),
         (lambda: rec.top_k_videos([1], [(1, [C + 1])], k=3), rf"comment id {C + 1} outside 1..{C}"),
         (lambda: rec.top_k_videos([1], k=-3), r"k must be a positive integer, got -3"),
         (lambda: rec.top_k_videos([1], k=0), r"k must be a positive integer, got 0"),
