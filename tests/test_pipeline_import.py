@@ -131,3 +131,17 @@ def test_pipeline_job_takes_source_option(tmp_path, capsys):
 
     assert pipeline.main(["--config", str(TINY), "--source", "import:nosuch:/x", f"run_dir={tmp_path}"]) == 1
     assert "unknown import format 'nosuch'" in capsys.readouterr().err
+
+
+def test_prepare_raw_dir_import_is_a_source(tmp_path):
+    """``prepare.raw_dir`` pointing at a recorded import: no generate, prepare keyed on the import's checksums."""
+    import import_logs
+
+    src, raw = _src(tmp_path / "ml"), tmp_path / "imported"
+    assert import_logs.main(["--format", "recbole", "--src", str(src), "--out", str(raw)]) == 0
+    runner = Runner()
+    over = [f"run_dir={tmp_path / 'run'}", f"prepare.raw_dir={raw}"]
+    with pytest.raises(StageError, match="stage 'prepare'"):
+        run_pipeline(TINY, over, runner=runner, log=lambda s: None)
+    assert [c[0] for c in runner.calls] == ["prepare"] and f"prepare.raw_dir={raw}" in runner.calls[0][1]
+    assert not (tmp_path / "run" / "raw").exists()
