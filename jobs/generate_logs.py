@@ -18,10 +18,14 @@ def main(argv: list[str] | None = None) -> int:
                       extra=lambda p: p.add_argument("--validate", action="store_true",
                                                      help="also run raw.validate_raw on the result"))
     from lsvcr_dist.data.generate import generate_logs
-    from lsvcr_dist.data.raw import validate_raw
+    from lsvcr_dist.data.raw import RawDataError, validate_raw
 
     t0 = time.time()
-    counts = generate_logs(cfg)  # impossible sizes were refused by parse() already (exit 2, key named)
+    try:
+        counts = generate_logs(cfg)  # impossible sizes were refused by parse() already (exit 2, key named)
+    except RawDataError as e:  # run_dir/raw holds imported or hand-placed tables: never overwritten
+        print(f"generate_logs: {e}", file=sys.stderr)
+        return 1
     counts["wall_s"] = round(time.time() - t0, 2)
     if args.validate:
         t1 = time.time()

@@ -1,6 +1,11 @@
 """The whole LSVCR pipeline: generate -> prepare -> encode(base) -> align -> encode(aligned) -> fine-tune -> evaluate.
 
     python jobs/pipeline.py --config jobs/configs/tiny.yaml [run_dir=/tmp/tiny finetune.max_epochs=5]
+    python jobs/pipeline.py --config jobs/configs/tiny.yaml --source import:recbole:/data/ml-100k \
+        --import-args "--title-field movie_title" run_dir=runs/ml100k
+
+With ``--source import:FORMAT:DIR`` the first stage is ``jobs/import_logs.py`` into run_dir/raw; a run_dir/raw that
+holds a recorded import (import.json) is used as it is: generation never overwrites imported logs.
 
 Every stage runs as its own job process (the same command you would type by hand) and is skipped when its outputs
 are complete and valid for the same configuration (marker with the config hash under run_dir/.pipeline/, written
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="preset YAML under jobs/configs/")
+    p.add_argument("--source", default="generate", help="raw logs: generate (default) or import:FORMAT:DIR "
+                   "(runs jobs/import_logs.py into run_dir/raw first)")
+    p.add_argument("--import-args", default="", help="extra jobs/import_logs.py options, one quoted string")
     p.add_argument("overrides", nargs="*", help="dotted overrides; stage-prefixed (finetune.max_epochs=5) or shared")
     args = p.parse_args(argv)
     from lsvcr_dist.config import ConfigError, check_overrides_known, load_config
@@ -64,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         check_overrides_known(args.overrides)
         run_dir = Path(load_config(args.config, "evaluate", [o for o in args.overrides
                                                               if o.startswith("run_dir=")]).run_dir)
-        run_pipeline(args.config, args.overrides, run_stage)
+        run_pipeline(args.config, args.overrides, run_stage, source=args.source,
+                     import_args=shlex.split(args.import_args))
     except ConfigError as e:
         p.exit(2, f"config error: {e}\n")
     except StageError as e:

@@ -3,7 +3,7 @@
 Layout of ``run_dir/embeddings/<which>/``::
 
     manifest.json        model id/kind, adapter (or null), pooling, dim, count, num_videos, num_comments,
-                         projected, dtype, shard_rows, shards [{file, start, rows}]
+                         projected, dtype, shard_rows, shards [{file, start, rows, bytes, sha256}]
     shard-00000.npy      rows [0, shard_rows) in text-id order; row 0 (text id 0, padding) is zeros
     shard-00001.npy      ...
 
@@ -25,18 +25,32 @@ cosine 0.997 of every other) warns naming the store and the numbers; a degenerat
 ``(x - center) / scale`` with the per-dimension mean and standard deviation over every title and comment, saved as
 ``center.npy`` / ``scale.npy`` (``manifest["text_norm"]``) so that the online alignment path and the aligned encoder
 apply the same map to fresh LLM(t) vectors (``load_text_norm``); ``stats_raw`` keeps the statistics before it.
+
+Integrity: ``close()`` records each shard's size and sha256. ``open()`` checks every shard's size, and with
+``verify="full"`` (the default; ``LSVCR_STORE_VERIFY=size`` makes ``"size"`` the default) also its sha256 and that
+every vector is finite, naming the shard and the text id. Full verification reads the whole store once (shards in
+parallel): measured in ``benchmarks/RESULTS.md``.
+
+A run records its store relative to the run directory (``store_ref``/``resolve_store``), so a copied or moved run
+reads its own store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from lsvcr_dist.checksums import BLOCK, check_record, file_record
+
 MANIFEST = "manifest.json"
 FORMAT = "lsvcr-embeddings/1"
+VERIFY_MODES = ("full", "size")
 
 
 class EmbeddingError(ValueError):
@@ -259,9 +273,12 @@ class EmbeddingWriter:
         for w in warns + errors:
             warnings.warn(w, stacklevel=2)
         shards = []
-        for s, arr in enumerate(self.shards):
+        for arr in self.shards:
             arr.flush()
-            shards.append({"file": shard_name(s), "start": s * self.shard_rows, "rows": int(arr.shape[0])})
+        with ThreadPoolExecutor(4) as pool:  # sha256 releases the GIL: shards hash in parallel
+            records = list(pool.map(lambda i: file_record(self.path / shard_name(i)), range(len(self.shards))))
+        for s, (arr, rec) in enumerate(zip(self.shards, records)):
+            shards.append({"file": shard_name(s), "start": s * self.shard_rows, "rows": int(arr.shape[0]), **rec})
         manifest = {
             "format": FORMAT, "model": None, "kind": None, "adapter": None, "pooling": "mean", "projected": False,
             **self.meta,
@@ -326,14 +343,23 @@ class EmbeddingStore:
         self.shard_rows = int(manifest["shard_rows"])
 
     @classmethod
-    def open(cls, path: str | Path) -> "EmbeddingStore":
-        """Open a complete store (``np.load(mmap_mode="r")`` per shard).
+    def open(cls, path: str | Path, verify: str | None = None) -> "EmbeddingStore":
+        """Open a complete store (``np.load(mmap_mode="r")`` per shard) and check it against its manifest.
+
+        Args:
+            path: store folder.
+            verify: ``"full"``: size, sha256 and finite values of every shard (reads the store once);
+                ``"size"``: sizes only (no read). Default: ``$LSVCR_STORE_VERIFY`` or ``"full"``.
 
         Raises:
             FileNotFoundError: no manifest (the store was never finished).
-            EmbeddingError: a shard missing or whose shape/dtype disagrees with the manifest (names the file).
+            EmbeddingError: a shard missing, unreadable (e.g. a pickled object array), of the wrong shape/dtype,
+                size or checksum, or holding a NaN/inf vector; names the file (and the text id).
         """
         path = Path(path)
+        verify = verify or os.environ.get("LSVCR_STORE_VERIFY", "full")
+        if verify not in VERIFY_MODES:
+            raise EmbeddingError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         man_path = path / MANIFEST
         if not man_path.exists():
             raise FileNotFoundError(f"{man_path}: no embedding store manifest (run jobs/encode_text.py)")
@@ -346,7 +372,10 @@ class EmbeddingStore:
             f = path / entry["file"]
             if not f.exists():
                 raise EmbeddingError(f"{f}: shard listed in the manifest is missing")
-            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            try:
+                arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:  # pickled object arrays land here: never unpickled
+                raise EmbeddingError(f"{f}: not a float16 .npy shard ({e})") from None
             if arr.dtype != np.float16 or arr.shape != (entry["rows"], manifest["dim"]):
                 raise EmbeddingError(f"{f}: {arr.dtype} {arr.shape}, manifest says float16 "
                                      f"({entry['rows']}, {manifest['dim']})")
@@ -357,6 +386,7 @@ class EmbeddingStore:
         if expect_start != manifest["count"] + 1:
             raise EmbeddingError(f"{man_path}: shards hold {expect_start} rows, expected count + 1 = "
                                  f"{manifest['count'] + 1}")
+        _verify_shards(path, manifest["shards"], shards, full=verify == "full")
         return cls(path, manifest, shards)
 
     def lookup(self, text_ids: np.ndarray) -> np.ndarray:
@@ -392,3 +422,62 @@ class EmbeddingStore:
         import torch
 
         return torch.from_numpy(self.as_array())
+
+
+def _scan_shard(f: Path, entry: dict, arr: np.memmap) -> str | None:
+    """One pass over a shard file: sha256 of its bytes and a finite check of its vectors, block by block.
+
+    A float16 is NaN/inf exactly when its 5 exponent bits are all ones, so the check is an integer mask over the raw
+    words (numpy's float16 ``isfinite`` is emulated and several times slower).
+
+    Returns:
+        The first problem, naming the file (and the text id of a non-finite vector), or None.
+    """
+    h = hashlib.sha256()
+    offset, dim, start, pos = int(arr.offset), int(arr.shape[1]), int(entry["start"]), 0
+    with open(f, "rb") as fh:
+        while block := fh.read(BLOCK):
+            h.update(block)
+            lo = max(offset - pos, 0)  # the .npy header is not data; blocks and the header are an even size
+            if lo < len(block):
+                words = np.frombuffer(block, np.uint16, count=(len(block) - lo) // 2, offset=lo)
+                bad = np.flatnonzero((words & 0x7C00) == 0x7C00)
+                if bad.size:
+                    elem = (pos + lo - offset) // 2 + int(bad[0])
+                    return f"{f}: non-finite vector for text id {start + elem // dim}"
+            pos += len(block)
+    if "sha256" in entry and h.hexdigest() != entry["sha256"]:
+        return f"{f}: sha256 {h.hexdigest()[:16]}... differs from the recorded {entry['sha256'][:16]}... (corrupted)"
+    return None
+
+
+def _verify_shards(path: Path, entries: list[dict], arrays: list[np.ndarray], full: bool) -> None:
+    """Sizes of every shard first (no read), then with ``full`` sha256 and finite values, shards in parallel.
+
+    A manifest written before checksums were recorded has no ``bytes``/``sha256``: only what is recorded is checked.
+    """
+    for e in entries:
+        problem = check_record(path / e["file"], e, full=False)
+        if problem:
+            raise EmbeddingError(problem)
+    if not full:
+        return
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib and numpy release the GIL
+        problems = list(pool.map(lambda i: _scan_shard(path / entries[i]["file"], entries[i], arrays[i]),
+                                 range(len(entries))))
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise EmbeddingError(problem)
+
+
+def store_ref(store: str | Path, run_dir: str | Path) -> str:
+    """How a run records its store: relative to ``run_dir`` when the store is inside it (so a copied or moved run
+    reads its own store), absolute otherwise."""
+    s, r = Path(os.path.abspath(store)), Path(os.path.abspath(run_dir))
+    return s.relative_to(r).as_posix() if s.is_relative_to(r) else str(s)
+
+
+def resolve_store(ref: str | Path, run_dir: str | Path) -> Path:
+    """The store a recorded reference points at: relative references are under ``run_dir``."""
+    p = Path(ref)
+    return p if p.is_absolute() else Path(run_dir) / p

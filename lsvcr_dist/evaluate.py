@@ -221,6 +221,10 @@ def write_results(table: dict, out_dir: str | Path) -> Path:
     return out / "metrics.json"
 
 
+class EvaluationError(RuntimeError):
+    """Nothing was evaluated for a task (the message names the split and task); no metrics file is written."""
+
+
 def evaluate_run(cfg, export: bool = True) -> dict:
     """Evaluate every fine-tuned task of ``cfg.run_dir`` on the test split and write ``run_dir/eval``.
 
@@ -233,6 +237,7 @@ def evaluate_run(cfg, export: bool = True) -> dict:
 
     Raises:
         FileNotFoundError: no fine-tuned model at all (names the folder).
+        EvaluationError: a task has 0 test instances (names the split and task).
     """
     from lsvcr_dist.finetuned import load_finetuned
 
@@ -247,10 +252,15 @@ def evaluate_run(cfg, export: bool = True) -> dict:
         if getattr(model, "sr", None) is not None and export:  # what ships: TorchScript scorer beside the store
             from lsvcr_dist.models.export import export_scorer
 
-            example = next(iter_split(data_dir, "test", task, 4))
+            example = next(iter_split(data_dir, "test", task, 4), None)
+            if example is None:
+                raise EvaluationError(f"{data_dir}: the 'test' split has no {task} instances; no metrics written")
             export_scorer(model, example, run_dir / "export" / task, {"text_store": args["text_store"]})
         results[task] = evaluate_model(model, data_dir, "test", task, ks=tuple(cfg.ks), batch_size=cfg.batch_size,
                                        full_ranking=cfg.full_ranking)
+        if not results[task]["metrics"]["n"]:  # all-zero metrics for nothing evaluated would read as a result
+            raise EvaluationError(f"{data_dir}: 0 {task} instances evaluated on the 'test' split (batch_size="
+                                  f"{cfg.batch_size}); no metrics written")
     if not results:
         raise FileNotFoundError(f"{run_dir / 'finetune'}: no fine-tuned model (run jobs/finetune.py first)")
     table = results_table(results)

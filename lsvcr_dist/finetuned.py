@@ -6,7 +6,8 @@ functions, and evaluation reads them back, so evaluation never depends on the tr
 A fine-tuned task folder ``run_dir/finetune/<task>/best/`` holds::
 
     model.safetensors   the FinetuneModel's persistent weights (the SR model; never the frozen text table)
-    model_args.json     build_sr_model kwargs + task, num_videos, tau, text store path, model kind
+    model_args.json     build_sr_model kwargs + task, num_videos, tau, model kind, and the text store path:
+                        relative to the run (``run_dir = best/../../..``) when the store is inside it
     config.yaml         the resolved FinetuneStageConfig
     manifest.json       the data manifest it was trained on
     meta.json           epoch and validation metrics of the selected model
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lsvcr_dist.config import FinetuneStageConfig, SRConfig, dump_yaml
-from lsvcr_dist.embeddings import EmbeddingStore
+from lsvcr_dist.embeddings import EmbeddingStore, resolve_store, store_ref
 from lsvcr_dist.models.builders import build_sr_model, sr_config_kwargs
 from lsvcr_dist.models.finetune_model import FinetuneModel, prepare_aligned_state
 
@@ -127,7 +128,7 @@ def save_best(out_dir: str | Path, model: nn.Module, cfg: FinetuneStageConfig, b
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     args = {"kind": kind, "task": model.task, "num_videos": model.num_videos, "tau": model.tau,
-            "text_store": str(text_store), "sr": build_args}
+            "text_store": store_ref(text_store, _run_of(out)), "sr": build_args}
     (tmp / "model_args.json").write_text(json.dumps(args, indent=1))
     dump_yaml(cfg, tmp / "config.yaml")
     if manifest_path and Path(manifest_path).is_file():
@@ -138,6 +139,11 @@ def save_best(out_dir: str | Path, model: nn.Module, cfg: FinetuneStageConfig, b
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _run_of(best_dir: str | Path) -> Path:
+    """The run directory of ``run_dir/finetune/<task>/best``."""
+    return Path(os.path.abspath(best_dir)).parents[2]
 
 
 def build_from_args(args: dict, text_table: torch.Tensor) -> nn.Module:
@@ -168,7 +174,7 @@ def load_finetuned(best_dir: str | Path, text_table: torch.Tensor | None = None)
         raise FinetuneSetupError(f"{best}: no complete fine-tuned model (COMPLETE marker missing; rerun finetune)")
     args = json.loads((best / "model_args.json").read_text())
     if text_table is None:
-        text_table = load_text_table(args["text_store"])
+        text_table = load_text_table(resolve_store(args["text_store"], _run_of(best)))
     model = build_from_args(args, text_table)
     state = load_file(str(best / "model.safetensors"))
     model.load_state_dict(state, strict=True)

@@ -1,8 +1,9 @@
 """Serving API: top-k videos and personalised comment ranking from the exported SR scorers (no LLM, no Ray).
 
 ``Recommender.load(run_dir)`` opens ``run_dir/export/{video,comment}/scorer.pt`` (TorchScript, see
-``models/export.py``), the embedding store named in ``export.json`` (memory-mapped; vectors are looked up per
-request), and the popular-comment table of the prepared data. All video vectors are encoded once at load time.
+``models/export.py``), the embedding store named in ``export.json`` (relative to ``run_dir`` unless absolute;
+memory-mapped, checksums verified at load; vectors are looked up per request), and the popular-comment table of
+the prepared data. All video vectors are encoded once at load time.
 
 Histories are given oldest first:
   * ``video_hist``: list of video ids;
@@ -22,6 +23,27 @@ from lsvcr_dist.data.manifest import read_dims
 from lsvcr_dist.data.tables import load_popular_comments
 from lsvcr_dist.models.export import load_scorer
 from lsvcr_dist.schema import text_id_of_comment
+
+
+class RequestError(ValueError):
+    """A request holds an id that is not an integer, or is out of range; the message names where it is."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_id(x, upper: int, where: str, what: str) -> int:
+    """``x`` as an int in ``1..upper``.
+
+    Floats, strings and bools are refused rather than truncated or coerced: ``2.7`` or ``"3"`` is a caller bug, and
+    a negative id would index the store from its end (another text's vector).
+    """
+    if not _is_int(x):
+        raise RequestError(f"{where}: {what} id must be an integer, got {type(x).__name__} {x!r}")
+    if not 1 <= x <= upper:
+        raise RequestError(f"{where}: {what} id {x} outside 1..{upper}")
+    return int(x)
 
 
 class Recommender:
@@ -55,7 +77,7 @@ class Recommender:
         Raises:
             FileNotFoundError: no exported scorer (names the folder).
         """
-        from lsvcr_dist.embeddings import EmbeddingStore
+        from lsvcr_dist.embeddings import EmbeddingStore, resolve_store
 
         run_dir = Path(run_dir)
         scorers, infos = {}, {}
@@ -65,7 +87,7 @@ class Recommender:
         if not scorers:
             raise FileNotFoundError(f"{run_dir / 'export'}: no exported scorer (run jobs/evaluate.py first)")
         info = next(iter(infos.values()))
-        store = store or EmbeddingStore.open(info["text_store"])
+        store = store or EmbeddingStore.open(resolve_store(info["text_store"], run_dir))  # relative: this run's
         dims = read_dims(run_dir / "data")
         return cls(scorers, infos, store, load_popular_comments(run_dir / "data", dims["num_videos"]), dims)
 
@@ -73,25 +95,35 @@ class Recommender:
     def _vec(self, text_ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.store.lookup(np.asarray(text_ids, dtype=np.int64))))
 
-    def _check_video(self, v: int, what: str) -> None:
-        if not 1 <= int(v) <= self.num_videos:
-            raise ValueError(f"{what}: video id {v} outside 1..{self.num_videos}")
+    def _check_video(self, v, what: str) -> int:
+        return check_id(v, self.num_videos, what, "video")
+
+    def _check_request(self, video_hist, comment_hist) -> tuple[list[int], list[tuple[int, list[int]]]]:
+        """Every id of a request checked (integer, in range; the position is named), the whole history, not only
+        the ``L`` records used: an id outside the table would otherwise read another text's vector."""
+        vh = [self._check_video(v, f"video_hist[{i}]") for i, v in enumerate(video_hist)]
+        ch = []
+        for j, rec in enumerate(comment_hist):
+            if not isinstance(rec, (tuple, list)) or len(rec) != 2 or isinstance(rec[1], (str, bytes)):
+                raise RequestError(f"comment_hist[{j}]: expected (video_id, [comment ids]), got {rec!r}")
+            v = self._check_video(rec[0], f"comment_hist[{j}] video")
+            ch.append((v, [check_id(c, self.num_comments, f"comment_hist[{j}] comments[{i}]", "comment")
+                           for i, c in enumerate(rec[1])]))
+        return vh, ch
 
     def _inputs(self, video_hist, comment_hist, current_video: int = 0) -> tuple:
         """``SRScorer.forward`` inputs for ONE request ``[1, ...]`` (top-1 popular comment, as evaluation)."""
         L, K = self.hist_len, self.k_comments
+        video_hist, comment_hist = self._check_request(video_hist, comment_hist)
         vh = np.zeros((1, L), np.int64)
-        recent = list(video_hist)[-L:]
-        for v in recent:
-            self._check_video(v, "video_hist")
+        recent = video_hist[-L:]
         vh[0, : len(recent)] = recent
         pop = np.where(vh > 0, self.popular[vh][..., 0], 0)
         ch = np.zeros((1, L), np.int64)
         cc = np.zeros((1, L, K), np.int64)
-        for j, (v, comments) in enumerate(list(comment_hist)[-L:]):
-            self._check_video(v, "comment_hist")
+        for j, (v, comments) in enumerate(comment_hist[-L:]):
             ch[0, j] = v
-            keep = list(comments)[:K]  # an empty record keeps only its video title, as in the prepared data
+            keep = comments[:K]  # an empty record keeps only its video title, as in the prepared data
             cc[0, j, : len(keep)] = keep
         cur = np.array([current_video], np.int64)
         nv = self.num_videos
@@ -105,19 +137,26 @@ class Recommender:
                      exclude_seen: bool = False) -> list[tuple[int, float]]:
         """The ``k`` best next videos for one user, ``[(video_id, score)]`` best first (score = cosine / tau).
 
+        With ``exclude_seen`` the videos of ``video_hist`` are never returned, so at most ``V - |seen|`` come back.
+
         Raises:
-            KeyError: no exported video scorer; ValueError: an id out of range (named).
+            KeyError: no exported video scorer; RequestError (a ValueError): an id that is not an integer or out of
+            range (named with its position), or ``k`` not a positive integer.
         """
         if "video" not in self.scorers:
             raise KeyError("no exported video scorer in this run")
+        if not _is_int(k) or k < 1:
+            raise RequestError(f"k must be a positive integer, got {k!r}")
         if not video_hist and not comment_hist:
-            raise ValueError("top_k_videos needs a non-empty video or comment history")
+            raise RequestError("top_k_videos needs a non-empty video or comment history")
         s = self.scorers["video"](*self._inputs(video_hist, comment_hist))  # [1, d]
         scores = (s @ self._video_table.T)[0] / self.infos["video"]["tau"]  # [V]
+        keep = torch.ones(self.num_videos, dtype=torch.bool)
         if exclude_seen and video_hist:
-            scores[torch.as_tensor(sorted(set(video_hist))) - 1] = float("-inf")
-        top = torch.topk(scores, min(k, self.num_videos))
-        return [(int(i) + 1, float(v)) for v, i in zip(top.values, top.indices)]
+            keep[torch.as_tensor(sorted({int(v) for v in video_hist})) - 1] = False
+        cand = torch.nonzero(keep).squeeze(1)  # [n] video index (id - 1), ascending
+        top = torch.topk(scores[cand], min(k, len(cand)))
+        return [(int(cand[i]) + 1, float(v)) for v, i in zip(top.values, top.indices)]
 
     @torch.no_grad()
     def rank_comments(self, video_hist: list[int], comment_hist: list[tuple[int, list[int]]], watched_video: int,
@@ -125,15 +164,14 @@ class Recommender:
         """Rank the candidate comments under ``watched_video`` for one user, ``[(comment_id, score)]`` best first.
 
         Raises:
-            KeyError: no exported comment scorer; ValueError: an id out of range (named).
+            KeyError: no exported comment scorer; RequestError (a ValueError): an id that is not an integer or out
+            of range (named with its position).
         """
         if "comment" not in self.scorers:
             raise KeyError("no exported comment scorer in this run")
-        self._check_video(watched_video, "watched_video")
-        cands = np.asarray(candidate_comment_ids, np.int64)
-        bad = cands[(cands < 1) | (cands > self.num_comments)]
-        if bad.size:
-            raise ValueError(f"candidate comment id {int(bad[0])} outside 1..{self.num_comments}")
+        watched_video = self._check_video(watched_video, "watched_video")
+        cands = np.asarray([check_id(c, self.num_comments, f"candidate_comment_ids[{i}]", "candidate comment")
+                            for i, c in enumerate(candidate_comment_ids)], np.int64)
         sc = self.scorers["comment"]
         s = sc(*self._inputs(video_hist, comment_hist, watched_video))  # [1, d]
         enc = sc.encode_comments(self._vec(text_id_of_comment(cands, self.num_videos)))  # [N, d]

@@ -173,8 +173,55 @@ def select_stages(cfgs: dict) -> list[Stage]:
     return out
 
 
+def run_import_stage(run_dir: Path, source: str, import_args: list[str], runner: Runner,
+                     log: Callable[[str], None] = print) -> tuple[str, str]:
+    """``--source import:FORMAT:DIR``: run ``jobs/import_logs.py`` into ``run_dir/raw`` unless the same import
+    (command and source files) is complete and intact there. Returns ``("import", "ran" | "skipped")``."""
+    from lsvcr_dist.raw_source import RawSourceError, check_import, import_argv, import_digest, parse_source
+
+    try:
+        fmt, src = parse_source(source)
+    except RawSourceError as e:
+        raise StageError(str(e)) from None
+    stage = Stage("import", "import_logs.py", "prepare", lambda rd, _cfgs: check_import(Path(rd) / "raw"))
+    argv = import_argv(run_dir, fmt, src, import_args)
+    digest = import_digest(argv, src)
+    ok, why = is_done(run_dir, stage, digest, {})
+    if ok:
+        log(f"[pipeline] import: skipped (complete, hash {digest[:10]})")
+        return "import", "skipped"
+    log(f"[pipeline] import: running ({why})")
+    marker_path(run_dir, "import").unlink(missing_ok=True)
+    if runner(stage, argv) != 0:
+        raise StageError(f"stage 'import' (jobs/import_logs.py {' '.join(argv)}) failed")
+    problem = stage.check(run_dir, {})
+    if problem:
+        raise StageError(f"stage 'import' finished but its output is incomplete: {problem}")
+    marker_path(run_dir, "import").parent.mkdir(parents=True, exist_ok=True)
+    marker_path(run_dir, "import").write_text(json.dumps({"stage": "import", "hash": digest}))
+    return "import", "ran"
+
+
+def guard_raw_source(run_dir: Path, cfgs: dict, stages: list[Stage], log: Callable[[str], None] = print
+                     ) -> tuple[list[Stage], str]:
+    """Drop ``generate`` when the raw logs are imported (never overwritten), refuse to generate over tables no
+    record accounts for, and return the digest the first stage chains on (``raw_source.raw_plan``)."""
+    from lsvcr_dist.raw_source import RawSourceError, raw_plan
+
+    names = [st.name for st in stages]
+    try:
+        skip, upstream, note = raw_plan(run_dir, cfgs["prepare"].raw_dir, "generate" in names)
+    except RawSourceError as e:
+        raise StageError(str(e)) from None
+    if skip and "generate" in names:
+        log(f"[pipeline] generate: skipped ({note})")
+        stages = [st for st in stages if st.name != "generate"]
+    return stages, upstream
+
+
 def run_pipeline(config: str | Path, overrides: list[str], runner: Runner, stages: list[Stage] | None = None,
-                 log: Callable[[str], None] = print) -> list[tuple[str, str]]:
+                 log: Callable[[str], None] = print, source: str = "", import_args: list[str] = ()
+                 ) -> list[tuple[str, str]]:
     """Run (or skip) every stage in order.
 
     Args:
@@ -183,17 +230,23 @@ def run_pipeline(config: str | Path, overrides: list[str], runner: Runner, stage
         runner: runs one stage's job (``jobs/pipeline.py: run_stage`` starts its script as a subprocess).
         stages: stage list (default: ``select_stages``).
         log: progress printer.
+        source: ``import:FORMAT:DIR`` runs ``jobs/import_logs.py`` into ``run_dir/raw`` first (see
+            ``raw_source``); ``""`` or ``generate``: synthetic logs, unless ``run_dir/raw`` is a recorded import.
+        import_args: extra ``jobs/import_logs.py`` options (``--title-field movie_title``).
 
     Returns:
         ``[(stage name, "skipped" | "ran"), ...]``.
 
     Raises:
-        StageError: a job exited non-zero or left outputs that fail the stage check.
+        StageError: a job exited non-zero or left outputs that fail the stage check, or ``run_dir/raw`` holds
+            tables the pipeline must not overwrite.
     """
     cfgs = {s: load_config(config, s, overrides) for s in ("generate", "prepare", "finetune", "evaluate")}
     run_dir = Path(cfgs["finetune"].run_dir)
+    done = [run_import_stage(run_dir, source, list(import_args), runner, log)] if source not in ("", "generate") \
+        else []
     stages = stages if stages is not None else select_stages(cfgs)
-    upstream, done = "", []
+    stages, upstream = guard_raw_source(run_dir, cfgs, stages, log)  # never generates over imported/user tables
     for st in stages:
         digest = stage_hash(config, st, overrides, upstream)
         ok, why = is_done(run_dir, st, digest, cfgs)

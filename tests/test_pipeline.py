@@ -125,8 +125,8 @@ def test_jobs_runner_runs_each_stage_as_its_job_script(tmp_path):
     gen = [s for s in PIPELINE_STAGES if s.name == "generate"]
     args = (TINY, [f"run_dir={tmp_path}", "generate.num_users=50", "generate.num_video_inter=400"])
     assert run_pipeline(*args, runner=job.run_stage, stages=gen, log=lambda s: None) == [("generate", "ran")]
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["comment_inter", "comments", "video_inter",
-                                                                     "videos"]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["comment_inter", "comments", "generated.json",
+                                                                     "video_inter", "videos"]
     assert run_pipeline(*args, runner=job.run_stage, stages=gen, log=lambda s: None) == [("generate", "skipped")]
 
 

@@ -74,7 +74,7 @@ def test_top_k_videos_matches_model(served):
     vh, ch = _request(batch, 0)
     seen = {v for v, _ in rec.top_k_videos(vh, ch, k=F.V, exclude_seen=True)[: F.V - len(set(vh))]}
     assert not seen & set(vh)
-    with pytest.raises(ValueError, match=f"video_hist: video id 999 outside 1..{F.V}"):
+    with pytest.raises(ValueError, match=rf"video_hist\[0\]: video id 999 outside 1..{F.V}"):
         rec.top_k_videos([999], [])
 
 
@@ -95,3 +95,90 @@ def test_rank_comments_matches_model(served):
         rec.rank_comments([1], [], 2, [0, 5])
     lat = time_requests(lambda: rec.rank_comments([1, 2], [(3, [13])], 2, [7, 8, 9]), [()] * 8, warmup=2)
     assert lat["n"] == 8 and 0 < lat["p50_ms"] <= lat["p99_ms"]
+
+
+def test_request_ids_and_k_are_validated(served):
+    """Before: a negative comment id read another text's vector (-5 -> text id V - 5, a title), k=-3 raised a torch
+    RuntimeError, float/str ids were truncated or coerced silently."""
+    import numpy as np
+
+    run, _, _ = served
+    rec = Recommender.load(run)
+    C = F.C
+    bad = [
+        (lambda: rec.top_k_videos([1], [(1, [-5])], k=3),
+         rf"comment_hist\[0\] comments\[0\]: comment id -5 outside 1..{C}"),
+        (lambda: rec.top_k_videos([1], [(1, [C + 1])], k=3), rf"comment id {C + 1} outside 1..{C}"),
+        (lambda: rec.top_k_videos([1], k=-3), r"k must be a positive integer, got -3"),
+        (lambda: rec.top_k_videos([1], k=0), r"k must be a positive integer, got 0"),
+        (lambda: rec.top_k_videos([1], k=2.0), r"k must be a positive integer, got 2.0"),
+        (lambda: rec.top_k_videos([1, 2.7]), r"video_hist\[1\]: video id must be an integer, got float 2.7"),
+        (lambda: rec.top_k_videos(["3"]), r"video_hist\[0\]: video id must be an integer, got str '3'"),
+        (lambda: rec.top_k_videos([True]), r"video_hist\[0\]: video id must be an integer, got bool True"),
+        (lambda: rec.top_k_videos([-1] + [1] * 10, exclude_seen=True), r"video_hist\[0\]: video id -1 outside"),
+        (lambda: rec.top_k_videos([1], [(2.0, [7])]), r"comment_hist\[0\] video: video id must be an integer"),
+        (lambda: rec.top_k_videos([1], [(2, "7")]), r"comment_hist\[0\]: expected \(video_id, \[comment ids\]\)"),
+        (lambda: rec.rank_comments([1], [], 2, [7, 8.5]), r"candidate_comment_ids\[1\]: candidate comment id must be"),
+        (lambda: rec.rank_comments([1], [], -2, [7]), r"watched_video: video id -2 outside 1..30"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):  # serve.RequestError
+            call()
+    # numpy integers are integers: same answer as Python ints
+    assert rec.top_k_videos([np.int64(3), 4], [(np.int32(3), [np.int64(13)])], k=4) == rec.top_k_videos(
+        [3, 4], [(3, [13])], k=4)
+
+
+def test_exclude_seen_returns_only_unseen_videos(served):
+    """Before: k = V with exclude_seen returned the seen videos too, with score -inf."""
+    import math
+
+    run, _, _ = served
+    rec = Recommender.load(run)
+    seen = [3, 4, 5, 4]
+    got = rec.top_k_videos(seen, [], k=F.V, exclude_seen=True)
+    assert len(got) == F.V - 3 and not {v for v, _ in got} & set(seen)
+    assert all(math.isfinite(s) for _, s in got) and [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+    ranked = rec.top_k_videos(seen, [], k=F.V)  # the same scores, seen videos dropped
+    assert got == [(v, s) for v, s in ranked if v not in seen]
+    assert rec.top_k_videos(list(range(1, F.V + 1)), [], k=5, exclude_seen=True) == []
+
+
+def test_moved_run_reads_its_own_store(served, tmp_path_factory):
+    """Before: model_args.json / export.json held the absolute store path, so a moved run read the original store."""
+    import shutil
+
+    from lsvcr_dist.finetuned import load_finetuned
+
+    run, models, _ = served
+    args = json.loads((run / "finetune" / "video" / "best" / "model_args.json").read_text())
+    assert args["text_store"] == "embeddings/aligned"
+    expected = Recommender.load(run).top_k_videos([3, 4], [(3, [13])], k=5)
+    moved = tmp_path_factory.mktemp("moved") / "run"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run / "embeddings")  # the original store is gone: only the moved run's own copy can be read
+    assert Recommender.load(moved).top_k_videos([3, 4], [(3, [13])], k=5) == expected
+    model, _ = load_finetuned(moved / "finetune" / "video" / "best")
+    assert torch.equal(model.text_table, models["video"].text_table)
+    table = evaluate_run(EvalConfig(run_dir=str(moved)))
+    assert table["video"]["n"] == 12
+
+
+def test_evaluate_refuses_zero_instances(tmp_path):
+    """Before: n = 0 wrote eval/metrics.json with every metric 0.0 (rc 0)."""
+    import pyarrow.parquet as pq
+
+    F.make_prepared(tmp_path)
+    test_shard = tmp_path / "data" / "parquet" / "test" / "part-00000.parquet"
+    pq.write_table(pq.read_table(test_shard).slice(0, 0), test_shard)  # a test split with no rows
+    cfg = F.ft_config(tmp_path)
+    F.write_aligned(tmp_path, cfg)
+    store = F.write_store(tmp_path / "embeddings" / "aligned", F.text_table())
+    m, args = build_finetune_model(cfg, "video", num_videos=F.V, text_table=load_text_table(store),
+                                   align_final=tmp_path / "align" / "final", la=F.DIMS["LA"])
+    save_best(tmp_path / "finetune" / "video" / "best", m, cfg, args, {"epoch": 1}, None, store)
+    for export in (False, True):
+        with pytest.raises(RuntimeError, match=r"0 video instances evaluated on the 'test' split|the 'test' split "
+                                                  r"has no video instances"):
+            evaluate_run(EvalConfig(run_dir=str(tmp_path)), export=export)
+        assert not (tmp_path / "eval" / "metrics.json").exists()

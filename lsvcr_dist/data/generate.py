@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from lsvcr_dist.config import GenerateConfig
 from lsvcr_dist.data import generate_vocab as gv
 from lsvcr_dist.data.raw import RawTableWriter, write_raw_table
+from lsvcr_dist.data.raw_records import claim_raw_dir, finish_raw_record
 from lsvcr_dist.schema import COMMENT_KINDS, VIDEO_KINDS
 
 MIN_VIDEO_INTER_PER_USER = 4
@@ -279,6 +280,7 @@ def generate_logs(cfg: GenerateConfig) -> dict:
         "files": {table: n}}`` (the counts equal the config).
     """
     raw_dir = Path(cfg.run_dir) / "raw"
+    claim_raw_dir(raw_dir, "generate", {"seed": cfg.seed})  # never overwrites imported or hand-placed tables
     rng = np.random.default_rng([cfg.seed, 0])
     voc = _Vocab(cfg.num_topics)
     t0 = int(dt.datetime.fromisoformat(cfg.start_date).replace(tzinfo=dt.timezone.utc).timestamp())
@@ -293,6 +295,8 @@ def generate_logs(cfg: GenerateConfig) -> dict:
     ci = _comment_inter(cfg, rng, usr, vi, com, sample_video)
     ci_paths = write_raw_table(raw_dir, "comment_inter", [ci], cfg.shard_rows)
     files = {"videos": vid["paths"], "comments": com["paths"], "video_inter": vi_paths, "comment_inter": ci_paths}
-    return {"raw_dir": str(raw_dir), "num_users": cfg.num_users, "num_videos": cfg.num_videos,
-            "num_comments": cfg.num_comments, "num_video_inter": len(vi["user"]), "num_comment_inter": ci.num_rows,
-            "files": {t: len(p) for t, p in files.items()}}
+    counts = {"raw_dir": str(raw_dir), "num_users": cfg.num_users, "num_videos": cfg.num_videos,
+              "num_comments": cfg.num_comments, "num_video_inter": len(vi["user"]), "num_comment_inter": ci.num_rows,
+              "files": {t: len(p) for t, p in files.items()}}
+    finish_raw_record(raw_dir, "generate", {"seed": cfg.seed, **{k: v for k, v in counts.items() if k != "raw_dir"}})
+    return counts

@@ -28,9 +28,11 @@ Assumed layouts (one header line each; extra columns are ignored):
     and a ``reply`` record timed 1 s after the user's first interaction with the item; a comment whose author never
     interacted with the item gets no record (counted in ``import.json`` as ``comments_without_interaction``).
 
-**RecBole atomic files** (``--format recbole``), tab-separated, typed headers:
+**RecBole atomic files** (``--format recbole``), tab-separated, typed headers (the ``:type`` suffix is ignored):
     ``<name>.inter``: ``user_id:token``, ``item_id:token``, ``timestamp:float`` (seconds).
-    ``<name>.item``: ``item_id:token``, ``title:token_seq``.
+    ``<name>.item``: ``item_id:token`` and a title field: ``--title-field`` or the first of ``title``,
+    ``movie_title`` (ml-100k, ml-1m), ``item_title``, ``item_name`` (Yelp), ``name``; ``--text-fields a,b`` appends
+    those fields to the title as ``; a: value``.
     There are no comments: the comments and comment_inter tables are written empty (video task only) and
     ``import.json`` records it.
 """
@@ -38,7 +40,7 @@ Assumed layouts (one header line each; extra columns are ignored):
 from __future__ import annotations
 
 import csv
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,35 +49,41 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from lsvcr_dist import schema
-from lsvcr_dist.data.raw import RawDataError, write_raw_table
+from lsvcr_dist.data.raw import RawDataError, first_invalid_utf8, write_raw_table
+from lsvcr_dist.data.raw_records import claim_raw_dir, finish_raw_record
 
 FORMATS = ("kuaicomt", "microlens", "recbole")
 
 
 # ------------------------------------------------------------------------------------------------ reading helpers
 def read_text_table(path: Path, required: list[str], delimiter: str = ",",
-                    rename: dict[str, str] | None = None) -> pa.Table:
+                    rename: dict[str, str] | Callable[[str], str] | None = None) -> pa.Table:
     """Read a delimited text file with a header, every column as string.
 
     Args:
         path: the file.
         required: columns that must exist (after ``rename``).
         delimiter: field separator.
-        rename: header name -> column name (e.g. RecBole ``user_id:token`` -> ``user_id``).
+        rename: header name -> column name (a dict or a function; e.g. RecBole ``user_id:token`` -> ``user_id``).
 
     Returns:
         Table of string columns.
 
     Raises:
-        RawDataError: missing file or column, or a malformed line (naming the file and line).
+        RawDataError: missing file or column, a malformed line, text that is not UTF-8, or no data row (naming the
+            file, and the line or row and column).
     """
     if not path.is_file():
         raise RawDataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+    try:  # the header line alone: a text-mode read would decode (and fail on) data lines beyond it
+        with open(path, "rb") as f:
+            header = next(csv.reader([f.readline().decode("utf-8").rstrip("\r\n")], delimiter=delimiter), None)
+    except UnicodeDecodeError as e:
+        raise RawDataError(f"{path}: line 1 (header): not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the "
+                           "file as UTF-8") from None
     if not header:
         raise RawDataError(f"{path}: empty file (a header line is required)")
-    names = [(rename or {}).get(h.strip(), h.strip()) for h in header]
+    names = [rename(h.strip()) if callable(rename) else (rename or {}).get(h.strip(), h.strip()) for h in header]
     missing = [c for c in required if c not in names]
     if missing:
         raise RawDataError(f"{path}: missing column(s) {missing} (header: {names})")
@@ -86,13 +94,14 @@ def read_text_table(path: Path, required: list[str], delimiter: str = ",",
         return "error"
 
     try:
-        return pacsv.read_csv(
+        table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),  # line numbers
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False,
                                              invalid_row_handler=on_invalid),
+            # UTF-8 is checked below, per column, so the error can name the row
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                 strings_can_be_null=False),
+                                                 strings_can_be_null=False, check_utf8=False),
         )
     except (pa.ArrowInvalid, OSError) as e:
         if bad:
@@ -100,6 +109,14 @@ def read_text_table(path: Path, required: list[str], delimiter: str = ",",
             raise RawDataError(f"{path}: line {r.number}: expected {r.expected_columns} fields, got "
                                f"{r.actual_columns}: {r.text[:80]!r}") from None
         raise RawDataError(f"{path}: unparsable: {e}") from None
+    for name in table.column_names:
+        i = first_invalid_utf8(table.column(name))
+        if i is not None:
+            value = table.column(name).cast(pa.binary())[i].as_py()
+            _fail_row(path, i, name, f"not valid UTF-8 text: {value[:40]!r} (re-encode the file as UTF-8)")
+    if table.num_rows == 0:
+        raise RawDataError(f"{path}: header only, no data rows")
+    return table
 
 
 def _fail_row(path: Path, i: int, column: str, msg: str) -> None:
@@ -160,11 +177,18 @@ def _kinds(t: pa.Table, path: Path, allowed: tuple[str, ...], default: str) -> p
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
+def _non_negative(x: np.ndarray, path: Path, column: str) -> np.ndarray:
+    neg = np.flatnonzero(x < 0)
+    if neg.size:
+        _fail_row(path, int(neg[0]), column, f"negative timestamp {int(x[neg[0]])}")
+    return x
+
+
 def _seconds(t: pa.Table, path: Path) -> np.ndarray:
     if "time_ms" in t.column_names:
-        return to_int(t, "time_ms", path) // 1000
+        return _non_negative(to_int(t, "time_ms", path), path, "time_ms") // 1000
     if "timestamp" in t.column_names:
-        return to_int(t, "timestamp", path, allow_float=True)
+        return _non_negative(to_int(t, "timestamp", path, allow_float=True), path, "timestamp")
     raise RawDataError(f"{path}: missing column 'time_ms' or 'timestamp' (header: {t.column_names})")
 
 
@@ -195,7 +219,8 @@ def _empty(spec: dict) -> pa.Table:
 
 def _finish(out: Path, fmt: str, src: Path, tables: dict[str, pa.Table], maps: list[IdMap], notes: dict,
             shard_rows: int) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the tables and ``id_map.parquet``, then ``import.json`` last, with every file's size and sha256."""
+    claim_raw_dir(out, "import", {"format": fmt, "src": str(src)})  # refuses tables no record accounts for
     for name, t in tables.items():
         write_raw_table(out, name, [t], shard_rows)
     import pyarrow.parquet as pq
@@ -203,8 +228,8 @@ def _finish(out: Path, fmt: str, src: Path, tables: dict[str, pa.Table], maps: l
     pq.write_table(pa.concat_tables([m.table() for m in maps]), out / "id_map.parquet")
     info = {"format": fmt, "src": str(src), **{f"num_{k}": v.num_rows for k, v in tables.items()},
             "num_users": len(maps[0]), **notes}
-    (out / "import.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    rec = finish_raw_record(out, "import", info, checksums=True)
+    return {**info, "num_files": len(rec["files"])}
 
 
 # ------------------------------------------------------------------------------------------------ importers
@@ -274,7 +299,7 @@ def import_microlens(src: str | Path, out: str | Path, shard_rows: int = 1_000_0
     cmt = read_text_table(pcm, ["user", "item", "comment"], "\t" if pcm.suffix == ".tsv" else ",") if pcm else None
     users = IdMap("user", pa.chunked_array(pairs.column("user").chunks + (cmt.column("user").chunks if cmt else [])),
                   pp, "user")
-    ts = to_int(pairs, "timestamp", pp, allow_float=True)
+    ts = _non_negative(to_int(pairs, "timestamp", pp, allow_float=True), pp, "timestamp")
     ts = np.where(ts > 100_000_000_000, ts // 1000, ts)  # milliseconds in the released file
     u, v = users.map(pairs.column("user"), pp, "user"), videos.map(pairs.column("item"), pp, "item")
     tables = {"videos": pa.table({"video_id": videos.map(tt.column("item"), pt, "item"), "title": tt.column("title")})
@@ -307,35 +332,85 @@ def import_microlens(src: str | Path, out: str | Path, shard_rows: int = 1_000_0
     return _finish(out, "microlens", src, tables, maps, notes, shard_rows)
 
 
-def import_recbole(src: str | Path, out: str | Path, shard_rows: int = 1_000_000) -> dict:
-    """RecBole atomic ``.inter`` + ``.item`` files -> raw tables (video task only; comment tables empty)."""
+RECBOLE_TITLE_FIELDS = ("title", "movie_title", "item_title", "item_name", "name")
+"""Title fields tried in order when ``--title-field`` is not given (RecBole's ml-100k/ml-1m call it ``movie_title``,
+Amazon ``title``, Yelp ``item_name``); the ``:type`` suffix of a RecBole header is ignored."""
+
+
+def _field(name: str) -> str:
+    """RecBole header or option ``movie_title:token_seq`` -> ``movie_title``."""
+    return name.strip().split(":", 1)[0]
+
+
+def _recbole_titles(items: pa.Table, path: Path, title_field: str, text_fields: tuple[str, ...]) -> pa.Array:
+    """Title of every item: the title field, then ``; field: value`` for each extra text field that is not empty."""
+    if title_field:
+        title = _field(title_field)
+        if title not in items.column_names:
+            raise RawDataError(f"{path}: no title field '{title}' (--title-field; header: {items.column_names})")
+    else:
+        title = next((f for f in RECBOLE_TITLE_FIELDS if f in items.column_names), None)
+        if title is None:
+            raise RawDataError(f"{path}: no title field (looked for {', '.join(RECBOLE_TITLE_FIELDS)}; header: "
+                               f"{items.column_names}); name it with --title-field")
+    extra = [_field(f) for f in text_fields if f.strip()]
+    missing = [f for f in extra if f not in items.column_names]
+    if missing:
+        raise RawDataError(f"{path}: no text field(s) {missing} (--text-fields; header: {items.column_names})")
+    out = [str(t).strip() for t in items.column(title).to_pylist()]
+    for f in extra:
+        out = [f"{t}; {f}: {v.strip()}" if v.strip() else t for t, v in zip(out, items.column(f).to_pylist())]
+    return pa.array(out, pa.string())
+
+
+def import_recbole(src: str | Path, out: str | Path, shard_rows: int = 1_000_000, title_field: str = "",
+                   text_fields: tuple[str, ...] = ()) -> dict:
+    """RecBole atomic ``.inter`` + ``.item`` files -> raw tables (video task only; comment tables empty).
+
+    Args:
+        src: folder holding one ``*.inter`` and one ``*.item`` file.
+        out: raw folder to write.
+        shard_rows: rows per part file.
+        title_field: item field holding the title (default: the first of ``RECBOLE_TITLE_FIELDS`` present).
+        text_fields: further item fields appended to the title as ``; field: value`` (e.g. ``class``).
+    """
     src, out = Path(src), Path(out)
     pi, pit = _one(src, ("*.inter",), "RecBole .inter"), _one(src, ("*.item",), "RecBole .item")
-    rename = {"user_id:token": "user_id", "item_id:token": "item_id", "timestamp:float": "timestamp",
-              "title:token_seq": "title", "title:token": "title"}
-    inter = read_text_table(pi, ["user_id", "item_id", "timestamp"], "\t", rename)
-    items = read_text_table(pit, ["item_id", "title"], "\t", rename)
+    inter = read_text_table(pi, ["user_id", "item_id", "timestamp"], "\t", _field)
+    items = read_text_table(pit, ["item_id"], "\t", _field)
+    titles = _recbole_titles(items, pit, title_field, tuple(text_fields))
     videos = IdMap("video", items.column("item_id"), pit, "item_id")
     if len(videos) != items.num_rows:
         raise RawDataError(f"{pit}: duplicate item ids ({items.num_rows} rows, {len(videos)} distinct)")
     users = IdMap("user", inter.column("user_id"), pi, "user_id")
+    ts = _non_negative(to_int(inter, "timestamp", pi, allow_float=True), pi, "timestamp")
     tables = {
         "videos": pa.table({"video_id": videos.map(items.column("item_id"), pit, "item_id"),
-                            "title": items.column("title")}).sort_by("video_id"),
+                            "title": titles}).sort_by("video_id"),
         "comments": _empty(schema.RAW_COMMENTS),
         "video_inter": _sorted({"user_id": users.map(inter.column("user_id"), pi, "user_id"),
                                 "video_id": videos.map(inter.column("item_id"), pi, "item_id"),
-                                "timestamp": to_int(inter, "timestamp", pi, allow_float=True),
-                                "kind": pa.array(["watch"] * inter.num_rows, pa.string())}),
+                                "timestamp": ts, "kind": pa.array(["watch"] * inter.num_rows, pa.string())}),
         "comment_inter": _empty(schema.RAW_COMMENT_INTER),
     }
-    notes = {"video_only": True, "note": "RecBole atomic files carry no comments: comment tables are empty"}
+    notes = {"video_only": True, "note": "RecBole atomic files carry no comments: comment tables are empty",
+             "title_field": _field(title_field) if title_field else next(
+                 f for f in RECBOLE_TITLE_FIELDS if f in items.column_names),
+             "text_fields": [_field(f) for f in text_fields if f.strip()]}
     return _finish(out, "recbole", src, tables, [users, videos], notes, shard_rows)
 
 
-def import_logs(fmt: str, src: str | Path, out: str | Path, shard_rows: int = 1_000_000) -> dict:
-    """Dispatch to the importer of ``fmt`` (one of ``FORMATS``)."""
+def import_logs(fmt: str, src: str | Path, out: str | Path, shard_rows: int = 1_000_000, **options) -> dict:
+    """Dispatch to the importer of ``fmt`` (one of ``FORMATS``); ``options`` go to it (RecBole: ``title_field``,
+    ``text_fields``).
+
+    Raises:
+        RawDataError: unknown format, an option the format does not take, or bad input (file, row, column named).
+    """
     fns = {"kuaicomt": import_kuaicomt, "microlens": import_microlens, "recbole": import_recbole}
     if fmt not in fns:
         raise RawDataError(f"unknown import format '{fmt}' (known: {', '.join(FORMATS)})")
-    return fns[fmt](src, out, shard_rows)
+    options = {k: v for k, v in options.items() if v}
+    if options and fmt != "recbole":
+        raise RawDataError(f"options {sorted(options)} apply to --format recbole only, not '{fmt}'")
+    return fns[fmt](src, out, shard_rows, **options)

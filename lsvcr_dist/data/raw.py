@@ -14,6 +14,9 @@ record batch of one file, so it runs on paper scale (14M comments) in a few hund
 Ordering rule checked by ``validate_raw``: inside one interaction file, the rows of one user are in non-decreasing
 timestamp order (the generator and the importers write files sorted by ``(user_id, timestamp)``). A file whose rows
 for one user go backwards in time is an error naming the row.
+
+Who wrote a raw folder is recorded in it (``raw_records.py``): generation never overwrites imported logs or tables a
+user put there by hand.
 """
 
 from __future__ import annotations
@@ -209,11 +212,44 @@ def write_raw_table(raw_dir: str | Path, table: str, parts: Iterable[pa.Table], 
 
 
 # ------------------------------------------------------------------------------------------------ validation
+def first_invalid_utf8(arr: pa.Array | pa.ChunkedArray) -> int | None:
+    """Index of the first value of a string column that is not valid UTF-8 (None when every value is).
+
+    Parquet and CSV readers can hand over string columns holding arbitrary bytes; they fail only later, when a
+    worker decodes the text. ``validate(full=True)`` checks the encoding in C++; rows are searched only on failure.
+    """
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    offset = 0
+    for c in chunks:
+        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
+            try:
+                c.validate(full=True)
+            except pa.ArrowInvalid:
+                as_bytes = c.cast(pa.large_binary() if pa.types.is_large_string(c.type) else pa.binary())
+                for i, b in enumerate(as_bytes.to_pylist()):
+                    try:
+                        b is None or b.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return offset + i
+                raise
+        offset += len(c)
+    return None
+
+
+def _check_utf8(path: Path, row0: int, batch: pa.RecordBatch) -> None:
+    for name in batch.schema.names:
+        bad = first_invalid_utf8(batch.column(name))
+        if bad is not None:
+            raw_bytes = batch.column(name).cast(pa.binary())[bad].as_py()
+            _fail(path, row0 + bad, name, f"not valid UTF-8 text: {raw_bytes[:40]!r} (re-encode the file as UTF-8)")
+
+
 def _fail(path: Path, row: int, column: str, msg: str) -> None:
     raise RawDataError(f"{path}: row {row}, column '{column}': {msg}")
 
 
 def _check_nulls_positive(path: Path, row0: int, batch: pa.RecordBatch, id_cols: Iterable[str]) -> None:
+    _check_utf8(path, row0, batch)
     for name in batch.schema.names:
         col = batch.column(name)
         if col.null_count:
@@ -305,7 +341,8 @@ def _check_comment_lists(path: Path, row0: int, lists: pa.Array, videos: np.ndar
 def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
     """Check every raw file and return statistics, streaming file by file.
 
-    Checks: schema (names and Arrow types), readable Parquet, no nulls, positive ids, unique video/comment ids,
+    Checks: schema (names and Arrow types), readable Parquet, UTF-8 text, no nulls, positive ids, non-negative
+    timestamps, non-empty videos and video_inter tables, unique video/comment ids,
     dense ids ``1..N`` for videos and comments (``require_dense``; the text-id space depends on it), every referenced
     video/comment exists, a comment record's comments are non-empty and all under the record's video, ``kind`` in
     ``schema.VIDEO_KINDS`` / ``schema.COMMENT_KINDS``, per-user non-decreasing timestamps within each file.
@@ -324,6 +361,9 @@ def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
     raw_dir = Path(raw_dir)
     files = raw_dir_paths(raw_dir)
     video_ids, _ = _collect_ids(raw_dir, "videos", "video_id", None)
+    if not len(video_ids):  # otherwise the first comment would be reported as "unknown video"
+        raise RawDataError(f"{raw_dir / 'videos'}: the videos table is empty (0 rows in {len(files['videos'])} part "
+                           "file(s)); every comment and interaction refers to a video")
     comment_ids, comment_video = _collect_ids(raw_dir, "comments", "comment_id", "video_id")
     for table, col, ids in (("videos", "video_id", video_ids), ("comments", "comment_id", comment_ids)):
         if require_dense and len(ids) and ids[-1] != len(ids):  # unique + positive, so max == N iff dense
@@ -349,6 +389,9 @@ def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
             for row0, b in iter_file_batches(path, table):
                 _check_nulls_positive(path, row0, b, ["user_id", "video_id"])
                 u, v, t = (b.column(c).to_numpy() for c in ("user_id", "video_id", "timestamp"))
+                neg = np.flatnonzero(t < 0)
+                if neg.size:  # seconds since 1970: a negative time is a unit or sign error upstream
+                    _fail(path, row0 + int(neg[0]), "timestamp", f"negative timestamp {int(t[neg[0]])}")
                 _, ok = _lookup(video_ids, v)
                 if not ok.all():
                     r = int(np.flatnonzero(~ok)[0])
@@ -365,6 +408,9 @@ def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
                 stats[key] += b.num_rows
                 if len(t):
                     ts_min, ts_max = min(ts_min, int(t.min())), max(ts_max, int(t.max()))
+    if not stats["num_video_inter"]:
+        raise RawDataError(f"{raw_dir / 'video_inter'}: no video interactions (0 rows in "
+                           f"{len(files['video_inter'])} part file(s)); there is nothing to train on")
     return {
         "num_users": len(users),
         "max_user_id": max(users) if users else 0,

@@ -11,10 +11,12 @@ workers' uploads)::
     config.yaml                      the resolved AlignStageConfig
     manifest.json                    the data manifest the run trained on
     state.json                       step, epoch, data position, seeds, metrics
-    COMPLETE                         written last by rank 0: JSON list of every file above (all ranks)
+    COMPLETE                         written last by rank 0: every file above (all ranks) with its size and sha256
 
-A checkpoint is resumed from only if ``COMPLETE`` exists and every file it lists exists (workers upload their
-shards independently, so the marker alone does not prove rank 1's shard has landed).
+A checkpoint is resumed from only if ``COMPLETE`` exists and every file it lists exists with its recorded size
+(workers upload their shards independently, so the marker alone does not prove rank 1's shard has landed) and, when
+picked for a resume, its recorded sha256. ``find_latest_complete`` skips a damaged checkpoint with a warning naming
+the bad file and falls back to the previous intact one.
 ``final/`` holds the same exports without ``ds/`` for the encode and fine-tune stages.
 """
 
@@ -24,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lsvcr_dist.checksums import file_records, verify_records
 from lsvcr_dist.config import dump_yaml
 from lsvcr_dist.train.distributed import gather_objects, rank, world_size
 
@@ -163,52 +167,100 @@ def save_checkpoint(engine: DeepSpeedEngine, model: nn.Module, tmp_dir: str | Pa
     export_weights(model, tmp, cfg, manifest_path, engine.zero_optimization_stage(), write=me == 0)
     if me == 0:
         (tmp / STATE).write_text(json.dumps({**state, "ds_tag": tag, "world_size": world_size()}, indent=2))
-    lists = gather_objects(_files_under(tmp))
+    lists = gather_objects(file_records(tmp, _files_under(tmp)))  # each rank hashes its own shard before upload
     if me != 0:
         return []
-    files = sorted({f for lst in lists for f in lst} | {STATE})
+    records = _merge_records(lists)
+    files = sorted(set(records) | {STATE})
     # Written last: a crash before this line leaves a checkpoint that is never resumed from.
-    (tmp / COMPLETE).write_text(json.dumps({"files": files, "step": int(state["step"])}, indent=1))
+    (tmp / COMPLETE).write_text(json.dumps({"files": files, "step": int(state["step"]), "records": records},
+                                           indent=1))
     return files + [COMPLETE]
 
 
-def is_complete(path: str | Path) -> bool:
-    """True when ``path/COMPLETE`` exists and every file it lists is present."""
+def _merge_records(per_rank: list[dict[str, dict]]) -> dict[str, dict]:
+    """One record per file over all ranks; a file two ranks wrote differently keeps no size/digest (the merged
+    copy is whichever upload landed last, so only its existence can be promised)."""
+    out: dict[str, dict] = {}
+    for recs in per_rank:
+        for rel, rec in recs.items():
+            out[rel] = rec if out.get(rel, rec) == rec else {}
+    return out
+
+
+def verify_checkpoint(path: str | Path, full: bool = True) -> str | None:
+    """The problem with a checkpoint, naming the file (None when it is intact).
+
+    Checks the ``COMPLETE`` marker, that every file it lists exists with its recorded size, and with ``full``
+    their sha256. Markers written before sizes were recorded are checked for existence only.
+    """
     p = Path(path)
     marker = p / COMPLETE
     if not marker.is_file():
-        return False
+        return f"{marker}: no completion marker"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return all((p / f).is_file() for f in files)
+        rec = json.loads(marker.read_text())
+        files, records = rec["files"], rec.get("records", {})
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{marker}: unreadable completion marker ({e})"
+    missing = [f for f in files if not (p / f).is_file()]
+    if missing:
+        return f"{p / missing[0]}: listed in {COMPLETE} but missing"
+    return verify_records(p, {f: records.get(f, {}) for f in files}, full=full)
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path/COMPLETE`` exists and every file it lists is present with its recorded size."""
+    return verify_checkpoint(path, full=False) is None
 
 
 def read_state(path: str | Path) -> dict:
     """``state.json`` of a checkpoint.
 
     Raises:
-        CheckpointError: the checkpoint is not complete (names the path).
+        CheckpointError: the checkpoint is not complete (names the path and the missing or truncated file).
     """
-    if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no COMPLETE marker or a listed file is missing)")
+    problem = verify_checkpoint(path, full=False)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {problem}")
     return json.loads((Path(path) / STATE).read_text())
 
 
 def find_latest_complete(align_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``align_dir/checkpoints*/`` (None if there is none)."""
-    root = Path(align_dir)
-    best: tuple[int, float, Path] | None = None
-    for marker in root.glob(f"checkpoints*/*/{COMPLETE}"):
-        ckpt = marker.parent
-        if not is_complete(ckpt):
+    """The intact checkpoint with the highest step under ``align_dir/checkpoints*/`` (None if there is none).
+
+    Checkpoints are tried newest first; one whose files differ from its ``COMPLETE`` record (truncated, corrupted,
+    missing) is skipped with a warning naming the file, so a run resumes from the previous intact checkpoint.
+    """
+    cands = []
+    for marker in Path(align_dir).glob(f"checkpoints*/*/{COMPLETE}"):
+        try:
+            step = int(json.loads(marker.read_text()).get("step", -1))
+        except (ValueError, AttributeError):
+            step = -1  # unreadable marker: verify_checkpoint names it below
+        cands.append((step, marker.stat().st_mtime, marker.parent))
+    for step, _, ckpt in sorted(cands, key=lambda c: c[:2], reverse=True):
+        problem = verify_checkpoint(ckpt, full=True)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"checkpoint {ckpt} (step {step}) is damaged, falling back to an earlier one: {problem}",
+                      RuntimeWarning, stacklevel=2)
+    return None
+
+
+def pick_resume(candidates: list[str | Path]) -> str | None:
+    """The intact candidate with the highest step (e.g. Ray's latest checkpoint and the driver's pick); a damaged
+    one is skipped with a warning naming the bad file. None when no candidate is intact."""
+    best, best_step = None, -1
+    for c in candidates:
+        problem = verify_checkpoint(c, full=True)
+        if problem:
+            warnings.warn(f"checkpoint {c} is damaged, not resuming from it: {problem}", RuntimeWarning, stacklevel=2)
             continue
-        step = int(json.loads((ckpt / STATE).read_text()).get("step", -1))
-        key = (step, marker.stat().st_mtime, ckpt)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return None if best is None else best[2]
+        step = int(read_state(c)["step"])
+        if step > best_step:
+            best, best_step = str(c), step
+    return best
 
 
 def _weights_only_load(path: str, map_location: Any = None) -> Any:
@@ -223,15 +275,21 @@ def restore_checkpoint(engine: DeepSpeedEngine, path: str | Path) -> dict:
     ``torch.load(weights_only=True)`` so a checkpoint cannot execute code.
 
     Raises:
-        CheckpointError: incomplete checkpoint or DeepSpeed could not load it.
+        CheckpointError: incomplete or damaged checkpoint (names the file) or DeepSpeed could not load it.
     """
+    problem = verify_checkpoint(path, full=True)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {problem}")
     state = read_state(path)
     _allow_deepspeed_globals()
     engine.checkpoint_engine.load = _weights_only_load
-    load_path, _ = engine.load_checkpoint(
-        str(Path(path) / DS_DIR), tag=state["ds_tag"], load_module_strict=False,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(Path(path) / DS_DIR), tag=state["ds_tag"], load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(f"DeepSpeed could not load {Path(path) / DS_DIR} (tag {state['ds_tag']}): {e}") from e
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no state under {Path(path) / DS_DIR} (tag {state['ds_tag']})")
     return state

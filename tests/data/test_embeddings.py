@@ -124,3 +124,59 @@ def test_standardized_store_and_degenerate_refused(tmp_path):
     with pytest.warns(UserWarning, match="degenerate"):
         man = w.close(allow_degenerate=True)
     assert any("degenerate" in m for m in man["warnings"])
+
+
+def test_manifest_records_shard_sizes_and_checksums(tmp_path):
+    import hashlib
+
+    man = _write(tmp_path / "s", range(1, 8))
+    for entry in man["shards"]:
+        data = (tmp_path / "s" / entry["file"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_changed_bytes_in_a_shard_are_caught_at_open(tmp_path):
+    """Before: 60 random bytes in a shard changed the vectors (and the metrics) silently."""
+    _write(tmp_path / "s", range(1, 8))
+    shard = tmp_path / "s" / "shard-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-30:] = bytes(range(30))  # last 30 bytes = 15 fp16 values of text ids 4..5: all finite
+    shard.write_bytes(bytes(data))
+    with pytest.raises(EmbeddingError, match=rf"{shard}: sha256 .* differs from the recorded .* \(corrupted\)"):
+        EmbeddingStore.open(tmp_path / "s")
+    assert EmbeddingStore.open(tmp_path / "s", verify="size").count == 7  # the cheap mode checks sizes only
+    shard.write_bytes(bytes(data[:-10]))  # truncated: caught by the size check in either mode
+    with pytest.raises(EmbeddingError, match=rf"{shard}: "):
+        EmbeddingStore.open(tmp_path / "s", verify="size")
+
+
+def test_pickled_object_array_refused_naming_the_file(tmp_path):
+    """Before: numpy's 'Object arrays cannot be loaded when allow_pickle=False', no file named."""
+    _write(tmp_path / "s", range(1, 8))
+    shard = tmp_path / "s" / "shard-00002.npy"
+    np.save(shard, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(EmbeddingError, match=rf"{shard}: not a float16 .npy shard \(.*Python objects"):
+        EmbeddingStore.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("block", [8 << 20, 6])  # one read per shard; 6-byte reads straddle header and rows
+def test_nan_vector_in_a_store_named_at_open(tmp_path, monkeypatch, block):
+    """A store whose recorded checksums match but holds a NaN (written by another tool, or before checksums were
+    recorded): open names the text id instead of metrics turning NaN later."""
+    _write(tmp_path / "s", range(1, 8))
+    shard = tmp_path / "s" / "shard-00001.npy"  # rows 3..5
+    arr = np.load(shard)
+    arr[2, 1] = np.nan  # text id 5
+    np.save(shard, arr)
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for entry in man["shards"]:
+        entry.pop("sha256"), entry.pop("bytes")  # a manifest from before checksums existed
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
+    monkeypatch.setattr("lsvcr_dist.embeddings.BLOCK", block)
+    with pytest.raises(EmbeddingError, match=rf"{shard}: non-finite vector for text id 5"):
+        EmbeddingStore.open(tmp_path / "s")
+    arr[2, 1] = 1.0
+    arr[0, 4] = -np.inf  # text id 3, last element of its row
+    np.save(shard, arr)
+    with pytest.raises(EmbeddingError, match=rf"{shard}: non-finite vector for text id 3"):
+        EmbeddingStore.open(tmp_path / "s")

@@ -127,8 +127,21 @@ def test_zero3_checkpoint_files_and_exact_resume(tmp_path):
     assert set(head) == {"pref_head.weight", "pref_head.bias"} and head["pref_head.weight"].shape == (32, 64)
     # completeness: the marker alone is not enough, every listed file must exist
     assert is_complete(ckpt) and find_latest_complete(tmp_path) == ckpt
+    # COMPLETE records every file of both ranks (each rank hashed its own shard before the merge)
+    from lsvcr_dist.checksums import file_record
+
+    records = json.loads((ckpt / COMPLETE).read_text())["records"]
+    assert set(records) == files - {COMPLETE} and all(records[f] == file_record(ckpt / f) for f in records)
+    model_states = ckpt / "ds/step_00000002/zero_pp_rank_1_mp_rank_00_model_states.pt"
+    intact = model_states.read_bytes()
+    model_states.write_bytes(intact[:-100])  # truncated model states of rank 1: named, never resumed from
+    with pytest.warns(RuntimeWarning, match=f"{model_states}: {len(intact) - 100} bytes, recorded {len(intact)}"):
+        assert find_latest_complete(tmp_path) is None
+    model_states.write_bytes(intact)
     (ckpt / "ds/step_00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    assert not is_complete(ckpt) and find_latest_complete(tmp_path) is None
+    assert not is_complete(ckpt)
+    with pytest.warns(RuntimeWarning, match="optim_states.pt: listed in COMPLETE but missing"):
+        assert find_latest_complete(tmp_path) is None
     with pytest.raises(CheckpointError, match="step_00000002 is incomplete"):
         read_state(ckpt)
 
@@ -147,3 +160,52 @@ def test_latest_complete_picks_highest_step_and_skips_unmarked(tmp_path):
     make("step_00000030", 30, complete=False)  # crashed before the marker: never resumed from
     assert find_latest_complete(tmp_path) == best
     assert find_latest_complete(tmp_path / "nothing") is None
+
+
+def _ckpt(root: Path, step: int) -> Path:
+    """A checkpoint folder as save_checkpoint leaves it: state, a DeepSpeed-like shard, COMPLETE with records."""
+    from lsvcr_dist.checksums import file_records
+
+    d = root / "checkpoints" / f"step_{step:08d}"
+    (d / "ds" / f"step_{step:08d}").mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({"step": step}))
+    (d / "ds" / f"step_{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * (step + 1))
+    files = ["state.json", f"ds/step_{step:08d}/mp_rank_00_model_states.pt"]
+    (d / COMPLETE).write_text(json.dumps({"files": files, "step": step, "records": file_records(d, files)}))
+    return d
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path):
+    """Before: COMPLETE only proved the files existed, so a truncated model-states file was picked and the load
+    failed without naming it."""
+    first, second, third = _ckpt(tmp_path, 10), _ckpt(tmp_path, 20), _ckpt(tmp_path, 30)
+    states = third / "ds" / "step_00000030" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])  # truncated (a copy cut short, a full disk)
+    with pytest.warns(RuntimeWarning, match=rf"checkpoint {third} \(step 30\) is damaged, falling back to an "
+                                            rf"earlier one: {states}: 1000 bytes, recorded 7936"):
+        assert find_latest_complete(tmp_path) == second
+    assert not is_complete(third)
+    with pytest.raises(CheckpointError, match=rf"step_00000030 is incomplete: {states}: 1000 bytes"):
+        read_state(third)
+    flipped = second / "ds" / "step_00000020" / "mp_rank_00_model_states.pt"
+    data = bytearray(flipped.read_bytes())
+    data[100] ^= 0xFF  # same size, one byte changed: only the checksum sees it
+    flipped.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning) as w:
+        assert find_latest_complete(tmp_path) == first
+    assert any(f"{flipped}: sha256" in str(x.message) for x in w)
+    assert is_complete(second)  # the cheap check (sizes) passes; the resume pick reads the bytes
+    from lsvcr_dist.train.checkpoint import pick_resume
+
+    with pytest.warns(RuntimeWarning, match=rf"checkpoint {third} is damaged, not resuming from it: {states}"):
+        assert pick_resume([third, first]) == str(first)  # Ray's latest vs the driver's pick
+
+
+def test_restore_names_the_damaged_file_before_deepspeed_reads_it(tmp_path):
+    from lsvcr_dist.train.checkpoint import restore_checkpoint
+
+    ckpt = _ckpt(tmp_path, 5)
+    states = ckpt / "ds" / "step_00000005" / "mp_rank_00_model_states.pt"
+    states.write_bytes(b"\0" * states.stat().st_size)
+    with pytest.raises(CheckpointError, match=rf"cannot be restored: {states}: sha256"):
+        restore_checkpoint(engine=None, path=ckpt)  # raises before the engine is touched
