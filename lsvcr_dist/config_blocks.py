@@ -157,6 +157,12 @@ class ScalingConfig:
     """One GPU per worker when True."""
     cpus_per_worker: float = 0.5
     """Logical CPUs reserved per worker (below 1 on a 2-core box leaves Ray Data room)."""
+    worker_resource: str = ""
+    """Custom resource each worker takes one unit of ('' = none): pins workers to the nodes started with
+    ``ray start --resources='{"NAME": k}'`` (room for k workers on that node)."""
+    check_resources: bool = True
+    """Before ``fit()``: fit workers + Ray Data into the cluster (fewer CPUs per worker) or fail fast naming what is
+    missing (``train/resources.py``). Turn off on an autoscaling cluster, whose nodes appear after submission."""
 
 
 @dataclass

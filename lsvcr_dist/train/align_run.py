@@ -107,7 +107,12 @@ def run_name(cfg: AlignStageConfig) -> str:
 
 
 def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None, fault_inject: str | None = None):
-    """The ``TorchTrainer`` of the stage (DeepSpeed inside ``train_loop_per_worker``).
+    """The stage's trainer: ``fit()`` runs a ``TorchTrainer`` (DeepSpeed inside ``train_loop_per_worker``).
+
+    Before anything runs, the workers' resources are fitted to the connected cluster next to Ray Data's needs, or
+    ``ClusterResourceError`` says what is missing (``train/resources.py``). ``fit()`` retries from the newest
+    complete checkpoint after a worker failure, up to ``checkpoint.max_failures`` failures in a row without
+    checkpoint progress between them (``train/retry.py``).
 
     Args:
         cfg: resolved config.
@@ -122,31 +127,53 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
 
     from lsvcr_dist.data.ingest import ingest_data_config
     from lsvcr_dist.train.loop import train_loop_per_worker
+    from lsvcr_dist.train.resources import worker_resources
+    from lsvcr_dist.train.retry import RetryingTrainer
 
     align_dir = (Path(cfg.run_dir) / "align").resolve()
     align_dir.mkdir(parents=True, exist_ok=True)
-    loop_cfg = to_dict(cfg)
-    if resume_from:
-        loop_cfg["_resume_from"] = str(resume_from)
     fault = os.environ.get("LSVCR_FAULT_INJECT", "") if fault_inject is None else fault_inject
-    if fault:
-        loop_cfg["_fault_inject"] = fault
     sc = cfg.scaling
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_cfg,
-        # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
-        datasets=dataset if isinstance(dataset, dict) else {"train": dataset},
-        dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
-        run_config=RunConfig(
-            name=run_name(cfg), storage_path=str(align_dir),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-        ),
-    )
+    datasets = dataset if isinstance(dataset, dict) else {"train": dataset}
+    resources = worker_resources(sc, datasets.values())
+    name = run_name(cfg)
+
+    def attempt(resume: str | None):
+        loop_cfg = to_dict(cfg)
+        if resume:
+            loop_cfg["_resume_from"] = str(resume)
+        if fault:
+            loop_cfg["_fault_inject"] = fault
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_cfg,
+            # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
+            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
+            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+            datasets=datasets,
+            dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
+            run_config=RunConfig(
+                name=name, storage_path=str(align_dir),
+                failure_config=FailureConfig(max_failures=0),  # RetryingTrainer owns the worker-failure budget
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            ),
+        )
+
+    return RetryingTrainer(attempt, lambda: newest_complete(align_dir / name), cfg.checkpoint.max_failures,
+                           resume_from=resume_from)
+
+
+def newest_complete(run_folder: Path) -> tuple[str | None, int]:
+    """``(path, step)`` of the newest complete checkpoint in one Ray run folder, ``(None, -1)`` if there is none."""
+    from lsvcr_dist.train.checkpoint import COMPLETE, is_complete, read_state
+
+    best: tuple[str | None, int] = (None, -1)
+    for marker in Path(run_folder).glob(f"*/{COMPLETE}"):
+        if is_complete(marker.parent):
+            step = int(read_state(marker.parent).get("step", -1))
+            if step > best[1]:
+                best = (str(marker.parent), step)
+    return best
 
 
 def run_align(cfg: AlignStageConfig, instances=None, fault_inject: str | None = None):

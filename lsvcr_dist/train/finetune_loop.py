@@ -180,6 +180,8 @@ def fit_task(cfg, task: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from lsvcr_dist.train.resources import worker_resources  # fail fast instead of waiting forever
+
     if cfg.model != "lsvcr" and cfg.init != "scratch":
         raise ValueError(f"finetune.model={cfg.model} is a baseline: set finetune.init=scratch (it reads the base store)")
     if cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio > 0:
@@ -187,12 +189,13 @@ def fit_task(cfg, task: str) -> dict:
                          f" code's); got schedule={cfg.optim.schedule!r}, warmup_ratio={cfg.optim.warmup_ratio}")
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
+    datasets = {"train": build_train_dataset(cfg, task)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "task": task},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        datasets={"train": build_train_dataset(cfg, task)},
+                                     resources_per_worker=worker_resources(cfg.scaling, datasets.values())),
+        datasets=datasets,
         run_config=RunConfig(name=f"finetune_{task}", storage_path=str(run_dir / "finetune" / "ray")),
     )
     result = trainer.fit()
