@@ -64,7 +64,11 @@ def init_ray(num_cpus: int | None = None, runtime_env: dict | None = None) -> No
         # repeats one of its env keys: add only variables the job did not set (they are in os.environ already).
         # With token authentication the job inherits RAY_AUTH_MODE and the token from the head (cluster/README.md).
         env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in os.environ}
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        address = os.environ["RAY_ADDRESS"]
+        if "://" not in address and address not in ("auto", "local"):
+            # The job's tasks and actors get the GCS address too (see _start_local): the driver alone has it.
+            env["env_vars"]["RAY_ADDRESS"] = address
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
         atexit.register(ray.shutdown)
     else:
         _start_local(num_cpus, env)
