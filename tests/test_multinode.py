@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,9 +92,13 @@ class _Cluster:
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)  # the session we started, by its id
-                p.wait(timeout=30)
-        subprocess.run(["rm", "-rf", self.temp_dir], check=False)
+                pass
+            try:  # whatever is left in the session we started (e.g. workers orphaned by the killed raylet)
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _train_workers(raylet: psutil.Process) -> list[psutil.Process]:
