@@ -210,7 +210,8 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the latest complete checkpoint of this run if there is one."""
     max_failures: int = 1
-    """Worker-group restarts after a crash (Ray ``FailureConfig.max_failures``), each resuming the last checkpoint."""
+    """Worker failures tolerated in a row without a new complete checkpoint between them (-1 = unlimited); each retry
+    resumes from the newest complete checkpoint, and progress starts the count again (``train/retry.py``)."""
 
 
 @dataclass
