@@ -48,7 +48,10 @@ class _Cluster:
         home = tmp / "home"
         home.mkdir()
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "HOME": str(home),
-                    "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                    # 0 (the tests' default, keeping single-node Ray on loopback) refuses a second node;
+                    # --node-ip-address=127.0.0.1 keeps these nodes on loopback
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                     # a dead node is declared dead in ~3 s instead of ~15 s
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
