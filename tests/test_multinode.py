@@ -62,30 +62,33 @@ class _Cluster:
         self.procs: list[subprocess.Popen] = []
         self.gcs = _free_ports(1)[0]
 
-    def start(self, name: str, cpus: int, head: bool = False) -> subprocess.Popen:
-        node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent = _free_ports(6)
-        where = [f"--port={self.gcs}", "--head", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
-                 f"--ray-client-server-port={_free_ports(1)[0]}"] if head else [f"--address=127.0.0.1:{self.gcs}"]
-        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *where, f"--num-cpus={cpus}",
-               '--resources={"train_slot": 1}', "--object-store-memory=150000000",
-               f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-               f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-               f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}"]
-        p = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=open(self.tmp / f"{name}.log", "w"),
-                             stderr=subprocess.STDOUT)
-        self.procs.append(p)
-        return p
+    def start(self, name: str, cpus: int, head: bool = False, tries: int = 3) -> psutil.Process:
+        """Start a node (retried on new ports if it misses Ray's 30 s start-up window on a loaded machine); return
+        its raylet process."""
+        for attempt in range(1, tries + 1):
+            if head:
+                self.gcs = _free_ports(1)[0]
+            log = self.tmp / f"{name}-{attempt}.log"
+            p = subprocess.Popen(self._cmd(cpus, head), env=self.env, start_new_session=True,
+                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            self.procs.append(p)
+            end = time.time() + 300
+            while time.time() < end and p.poll() is None and "Ray runtime started" not in log.read_text():
+                time.sleep(1)
+            if p.poll() is None and "Ray runtime started" in log.read_text():
+                return next(c for c in psutil.Process(p.pid).children(recursive=True) if c.name() == "raylet")
+        raise RuntimeError(f"{name} did not start in {tries} tries:\n{log.read_text()[-3000:]}")
 
-    def raylet(self, node: subprocess.Popen, timeout: float = 300) -> psutil.Process:
-        end = time.time() + timeout
-        while time.time() < end:
-            if node.poll() is not None:
-                raise RuntimeError(f"ray start exited with {node.returncode}: {node.args}")
-            found = [c for c in psutil.Process(node.pid).children(recursive=True) if c.name() == "raylet"]
-            if found:
-                return found[0]
-            time.sleep(1)
-        raise TimeoutError("no raylet started")
+    def _cmd(self, cpus: int, head: bool) -> list[str]:
+        node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent, client, dash = _free_ports(8)
+        where = [f"--port={self.gcs}", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                 f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={client}"] if head else [
+            f"--address=127.0.0.1:{self.gcs}"]
+        return [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *where, f"--num-cpus={cpus}",
+                '--resources={"train_slot": 1}', "--object-store-memory=150000000",
+                f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}"]
 
     def stop(self) -> None:
         for p in self.procs:  # `ray start --block` stops the processes it started on SIGTERM
@@ -146,10 +149,8 @@ def test_two_nodes_worker_node_lost_mid_run_resumes_exactly(tiny_prepared, tmp_p
     cluster = _Cluster(tmp_path)
     drivers: list[subprocess.Popen] = []
     try:
-        head = cluster.start("head", cpus=2, head=True)
-        head_raylet = cluster.raylet(head)
-        node2 = cluster.start("node2", cpus=1)
-        node2_raylet = cluster.raylet(node2)
+        head_raylet = cluster.start("head", cpus=2, head=True)
+        node2_raylet = cluster.start("node2", cpus=1)
         # the uninterrupted reference, on the same two nodes
         drivers.append(_align(cluster, runs["ref"], "ref.log"))
         _wait(drivers[-1], 600, tmp_path / "ref.log")

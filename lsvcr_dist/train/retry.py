@@ -78,7 +78,7 @@ class RetryingTrainer:
                 if not self.budget.failed(step):
                     raise
                 first = (str(e).strip().splitlines() or [""])[0][:300]
-                self.log(f"[retry] attempt {self.attempts} failed ({type(e).__name__}: {first}); failure "
-                         f"{self.budget.count} of {self.budget.max_failures} without checkpoint progress (newest "
-                         f"complete step {step}): resuming from {path or resume or 'the start'}")
+                self.log(f"[retry] attempt {self.attempts} failed ({type(e).__name__}: {first}); "
+                         f"{self.budget.count} failure(s) since the newest complete checkpoint (step {step}), "
+                         f"{self.budget.max_failures} allowed: resuming from {path or resume or 'the start'}")
                 resume = path or resume

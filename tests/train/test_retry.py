@@ -63,7 +63,7 @@ def test_spurious_start_failure_then_real_loss_finishes():
     assert t.fit() is ok
     # first attempt from scratch, retry from scratch (no checkpoint yet), third from the step-6 checkpoint
     assert calls == [None, None, "ckpt/step_6"] and t.attempts == 3
-    assert len(log) == 2 and "failure 1 of 1" in log[1] and "step 6" in log[1]
+    assert len(log) == 2 and "1 failure(s) since the newest complete checkpoint (step 6), 1 allowed" in log[1]
 
 
 def test_failures_without_progress_exhaust_the_budget_and_reraise_the_last():
