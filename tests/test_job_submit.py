@@ -80,6 +80,59 @@ def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path, ray_
     raise TimeoutError(f"{url} did not answer within {timeout}s\n{dash_logs}")
 
 
+def _start_head(start: list[str], env: dict, log: Path, tries: int = 3) -> tuple[subprocess.Popen, int, str]:
+    """The README's `ray start --head ...` plus free ports, 2 CPUs and a private temp dir, until its dashboard answers
+    (a try that misses Ray's fixed 30 s raylet start-up window on a loaded machine is repeated on new ports)."""
+    for attempt in range(1, tries + 1):
+        # Every port explicit: other Ray instances on this machine hold the fixed defaults (e.g. agent port 52365).
+        gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(9)
+        # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for --temp-dir.
+        ray_tmp = tempfile.mkdtemp(prefix="lsvcr-js-", dir="/tmp")
+        head = subprocess.Popen(
+            [str(BIN / "ray"), *start[1:], "--block", f"--port={gcs}",
+             f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}",
+             f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+             "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
+            env=env, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        try:
+            _wait_http(f"http://127.0.0.1:{dash}/api/version", 480, head, log, ray_tmp)
+            return head, dash, ray_tmp
+        except RuntimeError:
+            _stop_head(head, ray_tmp)
+            if attempt == tries or "timed out during startup" not in log.read_text():
+                raise
+
+
+def _stop_head(head: subprocess.Popen, ray_tmp: str) -> None:
+    if head.poll() is None:
+        os.kill(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the session we started, by its id
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=30)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _submit(submit_cmd: list[str], address: str, env: dict, sub_id: str, overrides: list[str]):
+    """The README's `ray job submit ...` against ``address``, with a submission id, not waiting, plus overrides."""
+    cut = submit_cmd.index("--")
+    opts = [address if a == "http://127.0.0.1:8265" else a for a in submit_cmd[1:cut]]
+    for _ in range(20):  # the job agent starts after the dashboard: "No available agent" until then
+        submit = subprocess.run([str(BIN / "ray"), *opts, "--submission-id", sub_id, "--no-wait", *submit_cmd[cut:],
+                                 *overrides], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(15)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
 def test_ray_job_submit_align_token_auth_two_cpus(tiny_prepared, tmp_path):
@@ -87,10 +140,6 @@ def test_ray_job_submit_align_token_auth_two_cpus(tiny_prepared, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "data").symlink_to(Path(data) / "data")
-    # Every port explicit: other Ray instances on this machine hold the fixed defaults (e.g. agent port 52365).
-    gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(9)
-    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for --temp-dir.
-    ray_tmp = tempfile.mkdtemp(prefix="lsvcr-js-", dir="/tmp")
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -103,18 +152,9 @@ def test_ray_job_submit_align_token_auth_two_cpus(tiny_prepared, tmp_path):
     gen = subprocess.run(["bash", "-c", readme[1]], env=env, capture_output=True, text=True, timeout=300)
     token = (home / ".ray" / "auth_token").read_text().strip()
     assert gen.returncode == 0 and len(token) >= 32, gen.stderr
-    start, submit_cmd = shlex.split(readme[2]), shlex.split(readme[3])
-    head = subprocess.Popen(
-        [str(BIN / "ray"), *start[1:], "--block", f"--port={gcs}",
-         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}",
-         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-         "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
-        env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    head, dash, ray_tmp = _start_head(shlex.split(readme[2]), env, tmp_path / "head.log")
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_http(f"{address}/api/version", 480, head, tmp_path / "head.log", ray_tmp)
         # token authentication is on: no token -> 401, a wrong one -> 403
         assert _status(f"{address}/api/jobs/") == 401
         assert _status(f"{address}/api/jobs/", "Bearer " + "0" * len(token)) == 403
@@ -124,18 +164,8 @@ def test_ray_job_submit_align_token_auth_two_cpus(tiny_prepared, tmp_path):
                                  capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and "no authentication token was found" in refused.stdout + refused.stderr
         sub_id = f"lsvcr-align-{os.getpid()}"
-        for _ in range(20):  # the job agent starts after the dashboard: "No available agent" until then
-            cut = submit_cmd.index("--")
-            opts = [f"http://127.0.0.1:{dash}" if a == "http://127.0.0.1:8265" else a for a in submit_cmd[1:cut]]
-            submit = subprocess.run(
-                [str(BIN / "ray"), *opts, "--submission-id", sub_id, "--no-wait", *submit_cmd[cut:],
-                 f"run_dir={run_dir}", "max_steps=3", "global_batch=8", "deepspeed.micro_batch=4",
-                 "checkpoint.every_steps=3"],
-                env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-            if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
-                break
-            time.sleep(15)
-        assert submit.returncode == 0, submit.stdout + submit.stderr
+        _submit(shlex.split(readme[3]), address, env, sub_id, [f"run_dir={run_dir}", "max_steps=3", "global_batch=8",
+                                                               "deepspeed.micro_batch=4", "checkpoint.every_steps=3"])
         # Poll through the job SDK (the CLI's status wording differs between Ray versions), token in the header.
         from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -149,16 +179,10 @@ def test_ray_job_submit_align_token_auth_two_cpus(tiny_prepared, tmp_path):
         logs = client.get_job_logs(sub_id)
         assert status == JobStatus.SUCCEEDED, f"{status}: {logs[-4000:]}"
     finally:
-        os.kill(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the session we started, by its id
-            head.wait(timeout=30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    # 2 workers x 0.5 CPU + Ray Data's 1.5 exceed the head's 2 CPUs: the workers got 0.25 each instead of a hang
+        _stop_head(head, ray_tmp)
     # Ray Train's actors resolve this cluster from RAY_ADDRESS, not by scanning the machine's GCS processes
     assert "Found multiple active Ray instances" not in logs
+    # 2 workers x 0.5 CPU + Ray Data's 1.5 exceed the head's 2 CPUs: the workers got 0.25 each instead of a hang
     assert "[resources] 2 workers x 0.5 CPU + Ray Data 1.5 CPU exceed the cluster's 2 CPUs: 0.25" in logs
     lines = [json.loads(x) for x in (run_dir / "align" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert [d["step"] for d in lines] == [1, 2, 3]

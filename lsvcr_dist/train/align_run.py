@@ -149,7 +149,8 @@ def build_trainer(cfg: AlignStageConfig, dataset, resume_from: str | None = None
             train_loop_config=loop_cfg,
             # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
             torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
-            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                         resources_per_worker=resources),
             datasets=datasets,
             dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
             run_config=RunConfig(
