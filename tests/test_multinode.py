@@ -41,7 +41,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 class _Cluster:
-    """``ray start --block`` processes on 127.0.0.1 sharing one temp dir; stopped by their process ids."""
+    """``ray start --block`` processes on loopback (head 127.0.0.1, others 127.0.0.2) sharing one temp dir;
+    stopped by their process ids."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp, self.temp_dir = tmp, tempfile.mkdtemp(prefix="lsvcr-mn-", dir="/tmp")  # short socket paths
@@ -49,9 +50,7 @@ class _Cluster:
         home.mkdir()
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "HOME": str(home),
                     "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-                    # 0 (the tests' default, keeping single-node Ray on loopback) refuses a second node;
-                    # --node-ip-address=127.0.0.1 keeps these nodes on loopback
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # head and drivers: 127.0.0.1 stays 127.0.0.1
                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                     # a dead node is declared dead in ~3 s instead of ~15 s
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -69,7 +68,10 @@ class _Cluster:
             if head:
                 self.gcs = _free_ports(1)[0]
             log = self.tmp / f"{name}-{attempt}.log"
-            p = subprocess.Popen(self._cmd(cpus, head), env=self.env, start_new_session=True,
+            # A joining node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, under which Ray swaps 127.0.0.1 for the
+            # machine's outward address: it runs on 127.0.0.2, loopback as well.
+            env = self.env if head else {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+            p = subprocess.Popen(self._cmd(cpus, head), env=env, start_new_session=True,
                                  stdout=open(log, "w"), stderr=subprocess.STDOUT)
             self.procs.append(p)
             end = time.time() + 300
@@ -84,7 +86,8 @@ class _Cluster:
         where = [f"--port={self.gcs}", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                  f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={client}"] if head else [
             f"--address=127.0.0.1:{self.gcs}"]
-        return [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *where, f"--num-cpus={cpus}",
+        ip = "127.0.0.1" if head else "127.0.0.2"
+        return [str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", *where, f"--num-cpus={cpus}",
                 '--resources={"train_slot": 1}', "--object-store-memory=150000000",
                 f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
                 f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
