@@ -82,9 +82,11 @@ class _Cluster:
         raise RuntimeError(f"{name} did not start in {tries} tries:\n{log.read_text()[-3000:]}")
 
     def _cmd(self, cpus: int, head: bool) -> list[str]:
-        node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent, client, dash = _free_ports(8)
-        where = [f"--port={self.gcs}", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                 f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={client}"] if head else [
+        node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent, client = _free_ports(7)
+        # no dashboard: its nine module processes start alongside the raylet and, on a loaded machine, push it past
+        # Ray's fixed 30 s registration window (Ray Train's placement-group cleaner then only logs that it cannot ask)
+        where = [f"--port={self.gcs}", "--head", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+                 f"--ray-client-server-port={client}"] if head else [
             f"--address=127.0.0.1:{self.gcs}"]
         ip = "127.0.0.1" if head else "127.0.0.2"
         return [str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", *where, f"--num-cpus={cpus}",
