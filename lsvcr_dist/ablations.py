@@ -80,13 +80,21 @@ def run_ablations(config: str | Path, overrides: list[str], runner: Runner, vari
     """
     main = Path(load_config(config, "evaluate", overrides).run_dir).resolve()
     base = [o for o in overrides if not o.startswith("run_dir=")]
-    run_pipeline(config, [*base, f"run_dir={main}"], runner=runner, log=log)
+    return run_variant_set(config, base, runner, variants, main, [], None, log)
+
+
+def run_variant_set(config: str | Path, base: list[str], runner: Runner, variants: tuple[Variant, ...], main: Path,
+                    extra: list[str], main_stages: list[Stage] | None, log: Callable[[str], None] = print) -> dict:
+    """The main run in ``main`` (``main_stages``: default every stage), then each variant under
+    ``main/ablations/<slug>``, all with ``base + extra`` overrides; writes the tables and returns the results."""
+    run_pipeline(config, [*base, f"run_dir={main}", *extra], runner=runner, stages=main_stages, log=log)
     results = {"LSVCR": json.loads((main / "eval" / "metrics.json").read_text())}
     for v in variants:
         sub = main / "ablations" / v.slug
         link_shared(main, sub, v)
         log(f"[ablations] {v.name}: {' '.join(v.overrides)}")
-        run_pipeline(config, [*base, f"run_dir={sub}", *v.overrides], runner=runner, stages=stages_for(v), log=log)
+        run_pipeline(config, [*base, f"run_dir={sub}", *extra, *v.overrides], runner=runner, stages=stages_for(v),
+                     log=log)
         results[v.name] = json.loads((sub / "eval" / "metrics.json").read_text())
     write_tables(results, main / "ablations")
     return results

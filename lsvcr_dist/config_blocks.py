@@ -276,6 +276,12 @@ class ScalingConfig:
     """One GPU per worker when True."""
     cpus_per_worker: float = 0.5
     """Logical CPUs reserved per worker (below 1 on a 2-core box leaves Ray Data room)."""
+    worker_resource: str = ""
+    """Custom resource each worker takes one unit of ('' = none): pins workers to the nodes started with
+    ``ray start --resources='{"NAME": k}'`` (room for k workers on that node)."""
+    check_resources: bool = True
+    """Before ``fit()``: fit workers + Ray Data into the cluster (fewer CPUs per worker) or fail fast naming what is
+    missing (``train/resources.py``). Turn off on an autoscaling cluster, whose nodes appear after submission."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "num_workers")
@@ -340,8 +346,8 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the latest complete checkpoint of this run if there is one."""
     max_failures: int = 1
-    """Worker-group restarts after a crash (Ray ``FailureConfig.max_failures``, -1 = unlimited), each resuming the
-    last checkpoint."""
+    """Worker failures tolerated in a row without a new complete checkpoint between them (-1 = unlimited); each retry
+    resumes from the newest complete checkpoint, and progress starts the count again (``train/retry.py``)."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "every_steps", "keep_last")

@@ -121,7 +121,7 @@ LAYERS = (
     ("data", ("data/", "finetuned.py", "raw_source.py")),
     ("stage libraries", ("encode.py", "evaluate.py", "serve.py")),
     ("training", ("train/",)),
-    ("pipeline", ("stages.py", "ablations.py")),
+    ("pipeline", ("stages.py", "ablations.py", "ablation_seeds.py")),
 )
 """The library's layers, lowest first: a module imports its own layer and the ones below, never one above."""
 

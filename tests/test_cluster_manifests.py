@@ -83,6 +83,35 @@ def test_upload_excludes_outputs_and_venv():
 
 def test_readme_covers_the_operations():
     text = (CLUSTER / "README.md").read_text()
-    for topic in ("## Submit", "## Scale", "## Choose the ZeRO stage", "## Resume", "## Throughput",
-                  "benchmarks/RESULTS.md"):
+    for topic in ("## Submit", "## Token authentication", "## Resources", "## Local jobs", "## Elastic",
+                  "## Scale", "## Choose the ZeRO stage", "## Resume", "## Throughput", "benchmarks/RESULTS.md"):
         assert topic in text
+
+
+SECRET = "lsvcr-ray-auth"
+
+
+def test_token_auth_reaches_every_ray_container_and_submitter():
+    """Every head/worker container and each RayJob's submitter pod runs in token mode with the Secret's token."""
+    for name in ("raycluster.yaml", "rayjob-align.yaml", "rayjob-finetune.yaml"):
+        path = CLUSTER / "kuberay" / name
+        d = _docs(path)[0]
+        spec = d["spec"]["rayClusterSpec"] if d["kind"] == "RayJob" else d["spec"]
+        pods = [g["template"]["spec"] for g in (spec["headGroupSpec"], *spec["workerGroupSpecs"])]
+        if d["kind"] == "RayJob":  # KubeRay's submitter pod runs `ray job submit` against the head
+            pods.append(d["spec"]["submitterPodTemplate"]["spec"])
+        for pod in pods:
+            for c in pod["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}: {c['name']} not in token mode"
+                ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+                assert ref == {"name": SECRET, "key": "auth_token"}, f"{name}: {c['name']} has no token from {SECRET}"
+        assert f"kubectl create secret generic {SECRET}" in path.read_text(), f"{name}: how to create the Secret"
+    launcher = _docs(CLUSTER / "ray-cluster-gpu.yaml")[0]
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    readme = (CLUSTER / "README.md").read_text()
+    for must in (f"kubectl create secret generic {SECRET}", "submitterPodTemplate", "export RAY_AUTH_MODE=token",
+                 "RAY_AUTH_TOKEN", "Authorization: Bearer"):
+        assert must in readme, must

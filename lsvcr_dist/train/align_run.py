@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ray.train import Result, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from lsvcr_dist.train.retry import RetryingTrainer
+
 RUN_NAME = "checkpoints"
 
 
@@ -109,7 +111,8 @@ def run_name(cfg: AlignStageConfig) -> str:
 
 
 def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_config: dict,
-                  datasets: dict[str, Dataset], run_config: RunConfig) -> TorchTrainer:
+                  datasets: dict[str, Dataset], run_config: RunConfig,
+                  resources: dict[str, float] | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for alignment-shaped work: ``cfg``'s workers and backend, deterministic dataset split.
 
     The stage (``build_trainer``) and the throughput benchmark (its own timed ``loop``) both build their trainer here.
@@ -120,6 +123,8 @@ def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_conf
         loop_config: its argument (plain values only).
         datasets: ``{name: ray.data.Dataset}``, each split across the workers by Ray Train.
         run_config: ``ray.train.RunConfig`` (storage, name, failure and checkpoint policy).
+        resources: per-worker resources (``train/resources.worker_resources``); default ``scaling.cpus_per_worker``
+            CPUs.
     """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -133,7 +138,7 @@ def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_conf
         # timeout_s bounds every collective: a hung peer fails the attempt instead of hanging the job.
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.timeout_s),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker={"CPU": sc.cpus_per_worker}),
+                                     resources_per_worker=resources or {"CPU": sc.cpus_per_worker}),
         datasets=datasets,
         dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: reproducible resumes
         run_config=run_config,
@@ -141,8 +146,13 @@ def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_conf
 
 
 def build_trainer(cfg: AlignStageConfig, dataset: Dataset | dict[str, Dataset], resume_from: str | None = None,
-                  fault_inject: str | None = None) -> TorchTrainer:
-    """The ``TorchTrainer`` of the stage (DeepSpeed inside ``train_loop_per_worker``).
+                  fault_inject: str | None = None) -> RetryingTrainer:
+    """The stage's trainer: ``fit()`` runs a ``TorchTrainer`` (DeepSpeed inside ``train_loop_per_worker``).
+
+    Before anything runs, the workers' resources are fitted to the connected cluster next to Ray Data's needs, or
+    ``ClusterResourceError`` says what is missing (``train/resources.py``). ``fit()`` retries from the newest
+    complete checkpoint after a worker failure, up to ``checkpoint.max_failures`` failures in a row without
+    checkpoint progress between them (``train/retry.py``).
 
     Args:
         cfg: resolved config.
@@ -155,22 +165,40 @@ def build_trainer(cfg: AlignStageConfig, dataset: Dataset | dict[str, Dataset], 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from lsvcr_dist.train.loop import FAULT_ENV, train_loop_per_worker
+    from lsvcr_dist.train.resources import worker_resources
+    from lsvcr_dist.train.retry import RetryingTrainer
 
     align_dir = (Path(cfg.run_dir) / "align").resolve()
     align_dir.mkdir(parents=True, exist_ok=True)
-    loop_cfg = to_dict(cfg)
-    if resume_from:
-        loop_cfg["_resume_from"] = str(resume_from)
     fault = os.environ.get(FAULT_ENV, "") if fault_inject is None else fault_inject
-    if fault:
-        loop_cfg["_fault_inject"] = fault
-    run_config = RunConfig(
-        name=run_name(cfg), storage_path=str(align_dir),
-        failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-    )
     datasets = dataset if isinstance(dataset, dict) else {"train": dataset}
-    return align_trainer(cfg, train_loop_per_worker, loop_cfg, datasets, run_config)
+    resources = worker_resources(cfg.scaling, datasets.values())
+    name = run_name(cfg)
+
+    def attempt(resume: str | None) -> TorchTrainer:
+        loop_cfg = to_dict(cfg)
+        if resume:
+            loop_cfg["_resume_from"] = str(resume)
+        if fault:
+            loop_cfg["_fault_inject"] = fault
+        run_config = RunConfig(
+            name=name, storage_path=str(align_dir),
+            failure_config=FailureConfig(max_failures=0),  # RetryingTrainer owns the worker-failure budget
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        )
+        return align_trainer(cfg, train_loop_per_worker, loop_cfg, datasets, run_config, resources)
+
+    return RetryingTrainer(attempt, lambda: newest_complete(align_dir / name), cfg.checkpoint.max_failures,
+                           resume_from=resume_from)
+
+
+def newest_complete(run_folder: Path) -> tuple[str | None, int]:
+    """``(path, step)`` of the newest intact checkpoint in one Ray run folder, ``(None, -1)`` if there is none (a
+    damaged one is skipped with a warning naming the bad file: ``checkpoint.pick_resume``)."""
+    from lsvcr_dist.train.checkpoint import COMPLETE, pick_resume, read_state
+
+    path = pick_resume([m.parent for m in Path(run_folder).glob(f"*/{COMPLETE}")])
+    return (str(path), int(read_state(path)["step"])) if path else (None, -1)
 
 
 def run_align(cfg: AlignStageConfig, instances: Dataset | None = None, fault_inject: str | None = None,

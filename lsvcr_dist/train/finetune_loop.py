@@ -255,15 +255,17 @@ def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from lsvcr_dist.data.ingest import ingest_data_config
+    from lsvcr_dist.train.resources import worker_resources  # fail fast instead of waiting forever
 
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
+    datasets = {"train": build_train_dataset(cfg, task)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "task": task},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        datasets={"train": build_train_dataset(cfg, task)},
+                                     resources_per_worker=worker_resources(cfg.scaling, datasets.values())),
+        datasets=datasets,
         dataset_config=ingest_data_config(preserve_order=True),  # deterministic split: same rows, same order
         run_config=RunConfig(name=f"finetune_{task}", storage_path=str(run_dir / "finetune" / "ray")),
     )
