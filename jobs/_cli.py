@@ -99,7 +99,7 @@ def _start_local(num_cpus: int | None, env: dict) -> None:
     for attempt in (1, 2):
         before = _children()
         tmp = tempfile.mkdtemp(prefix="lsvcr-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-        gcs_port, dash_port = _free_ports(2)
+        gcs_port, dash_port = free_ports(2)
         address = f"127.0.0.1:{gcs_port}"
         env["env_vars"]["RAY_ADDRESS"] = address
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the head node Ray starts (ray._private.node)
@@ -127,7 +127,8 @@ def _start_local(num_cpus: int | None, env: dict) -> None:
     atexit.register(stop)
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free right now (the OS picks them; closed again before use)."""
     import socket
 
     socks = [socket.socket() for _ in range(n)]

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from lsvcr_dist.ablations import ALL, SHARED, Variant, run_ablations, run_variant_set
+from lsvcr_dist.ablations import ALL, SHARED, Variant, link_dirs, run_ablations, run_variant_set
 from lsvcr_dist.config import load_config
 from lsvcr_dist.stages import STAGES, Runner
 
@@ -30,19 +30,6 @@ def seed_overrides(config: str | Path, overrides: list[str], k: int) -> list[str
     return [f"align.seed={a + k}", f"finetune.seed={f + k}"]
 
 
-def link_data(main: Path, sub: Path) -> None:
-    """Symlink the main run's raw logs, prepared data and base store into a seed folder."""
-    for rel in SHARED:
-        src, dst = (main / rel).resolve(), sub / rel
-        if not src.exists():
-            raise FileNotFoundError(f"{src}: needed by the seed runs (the seed-0 pipeline did not produce it)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.is_symlink():
-            dst.unlink()
-        if not dst.exists():
-            dst.symlink_to(src, target_is_directory=True)
-
-
 def run_seeds(config: str | Path, overrides: list[str], runner: Runner, seeds: int,
               variants: tuple[Variant, ...] = ALL, log: Callable[[str], None] = print) -> dict:
     """``seeds`` full ablation sets; returns ``summarize`` of them and writes ``seeds.json`` / ``seeds.md``."""
@@ -54,7 +41,7 @@ def run_seeds(config: str | Path, overrides: list[str], runner: Runner, seeds: i
     stages = [s for s in STAGES if s.name in SEED_STAGES]
     for k in range(1, seeds):
         sub = main / "seeds" / f"seed{k}"
-        link_data(main, sub)
+        link_dirs(main, sub, SHARED, "the seed runs")
         log(f"[ablations] seed {k}: {' '.join(seed_overrides(config, overrides, k))}")
         runs.append(run_variant_set(config, base, runner, variants, sub, seed_overrides(config, overrides, k),
                                     stages, log))

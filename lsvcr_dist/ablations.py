@@ -61,10 +61,19 @@ def link_shared(main: Path, sub: Path, variant: Variant) -> None:
     names = list(SHARED)
     if stages_for(variant)[0].name == "finetune" and "finetune.init=scratch" not in variant.overrides:
         names += ALIGNED  # fine-tune-only variant: reuse the main alignment and aligned store
+    link_dirs(main, sub, names, f"ablation '{variant.name}'")
+
+
+def link_dirs(main: Path, sub: Path, names: list[str] | tuple[str, ...], needed_by: str) -> None:
+    """Symlink ``main/<rel>`` to ``sub/<rel>`` for each name (a stale link is replaced, a real folder kept).
+
+    Raises:
+        FileNotFoundError: ``main/<rel>`` does not exist (names it and ``needed_by``).
+    """
     for rel in names:
         src, dst = (main / rel).resolve(), sub / rel
         if not src.exists():
-            raise FileNotFoundError(f"{src}: needed by ablation '{variant.name}' (run the main pipeline first)")
+            raise FileNotFoundError(f"{src}: needed by {needed_by} (run the main pipeline first)")
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.is_symlink():
             dst.unlink()

@@ -63,12 +63,11 @@ def test_run_seeds_shifts_training_seeds_on_shared_data(tmp_path, monkeypatch):
     assert len(saved["runs"]) == 3 and math.isclose(saved["summary"]["SASRec"]["video"]["ndcg@10"][0], 0.4)
 
 
-def test_seed_runs_refuse_missing_shared_data(tmp_path):
-    from lsvcr_dist.ablation_seeds import link_data
+def test_seed_runs_refuse_missing_shared_data(tmp_path, monkeypatch):
+    import lsvcr_dist.ablation_seeds as S
 
-    with pytest.raises(FileNotFoundError, match="raw: needed by the seed runs"):
-        link_data(tmp_path, tmp_path / "seeds" / "seed1")
     with pytest.raises(ValueError, match="--seeds must be >= 1"):
-        from lsvcr_dist.ablation_seeds import run_seeds
-
-        run_seeds(TINY, [f"run_dir={tmp_path}"], runner=None, seeds=0)
+        S.run_seeds(TINY, [f"run_dir={tmp_path}"], runner=None, seeds=0)
+    monkeypatch.setattr(S, "run_ablations", lambda *a: {"LSVCR": _res(0.5, 0.2)})  # seed 0 ran, left no data
+    with pytest.raises(FileNotFoundError, match="raw: needed by the seed runs"):
+        S.run_seeds(TINY, [f"run_dir={tmp_path}"], runner=None, seeds=2, variants=())

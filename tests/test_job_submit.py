@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _cli import free_ports  # jobs/ (conftest puts it on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,15 +53,6 @@ def _readme_commands() -> list[str]:
     return block
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 def _wait_http(url: str, timeout: float, head: subprocess.Popen, log: Path, ray_tmp: str) -> None:
     end = time.time() + timeout
@@ -85,7 +76,7 @@ def _start_head(start: list[str], env: dict, log: Path, tries: int = 3) -> tuple
     (a try that misses Ray's fixed 30 s raylet start-up window on a loaded machine is repeated on new ports)."""
     for attempt in range(1, tries + 1):
         # Every port explicit: other Ray instances on this machine hold the fixed defaults (e.g. agent port 52365).
-        gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(9)
+        gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = free_ports(9)
         # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for --temp-dir.
         ray_tmp = tempfile.mkdtemp(prefix="lsvcr-js-", dir="/tmp")
         head = subprocess.Popen(

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,21 +22,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _cli import free_ports  # jobs/ (conftest puts it on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STEPS = ["max_steps=8", "checkpoint.every_steps=2", "global_batch=8", "deepspeed.micro_batch=4",
          "scaling.num_workers=2", "scaling.worker_resource=train_slot", "checkpoint.max_failures=1"]
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class _Cluster:
@@ -59,14 +50,14 @@ class _Cluster:
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env, check=True,
                        capture_output=True, timeout=300)
         self.procs: list[subprocess.Popen] = []
-        self.gcs = _free_ports(1)[0]
+        self.gcs = free_ports(1)[0]
 
     def start(self, name: str, cpus: int, head: bool = False, tries: int = 3) -> psutil.Process:
         """Start a node (retried on new ports if it misses Ray's 30 s start-up window on a loaded machine); return
         its raylet process."""
         for attempt in range(1, tries + 1):
             if head:
-                self.gcs = _free_ports(1)[0]
+                self.gcs = free_ports(1)[0]
             log = self.tmp / f"{name}-{attempt}.log"
             # A joining node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, under which Ray swaps 127.0.0.1 for the
             # machine's outward address: it runs on 127.0.0.2, loopback as well.
@@ -82,7 +73,7 @@ class _Cluster:
         raise RuntimeError(f"{name} did not start in {tries} tries:\n{log.read_text()[-3000:]}")
 
     def _cmd(self, cpus: int, head: bool) -> list[str]:
-        node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent, client = _free_ports(7)
+        node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent, client = free_ports(7)
         # no dashboard: its nine module processes start alongside the raylet and, on a loaded machine, push it past
         # Ray's fixed 30 s registration window (Ray Train's placement-group cleaner then only logs that it cannot ask)
         where = [f"--port={self.gcs}", "--head", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
