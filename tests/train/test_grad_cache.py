@@ -133,7 +133,8 @@ def test_one_process_accumulation_equals_big_batch():
     metrics = grad_cache_step(FakeEngine(model, A), loss_fn, _micro(_raws(1)[0], encode), cfg.seed, False)
     assert [m["pool_size"] for m in metrics] == [A * B] * A
     assert sum(m["masked_sr"] for m in metrics) >= 2  # the duplicate target / same user across micro-batches
-    _assert_close(_trainable_grads(model), big_batch_grads(cfg, 1), "W=1 A=3")
+    worst = _assert_close(_trainable_grads(model), big_batch_grads(cfg, 1), "W=1 A=3")
+    print(f"W=1 A=3 (no DeepSpeed): max |g - g_ref| = {worst:.2e}")
 
 
 def test_seed_replay_keeps_dropout_and_positions():
@@ -217,6 +218,7 @@ def _ds_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             ref = big_batch_grads(cfg, world)
             result[f"zero{stage}"] = _assert_close(got, ref, f"W={world} ZeRO-{stage}")
+            print(f"W={world} ZeRO-{stage}: max |g - g_ref| = {result[f'zero{stage}']:.2e}", flush=True)
     if rank == 0:
         Path(out_dir, "ok.json").write_text(json.dumps(result))
     dist.barrier()
@@ -230,3 +232,16 @@ def test_deepspeed_zero2_zero3_equal_big_batch(world, tmp_path):
     mp.spawn(_ds_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     worst = json.loads((tmp_path / "ok.json").read_text())
     assert set(worst) == {"zero2", "zero3"}
+
+
+def test_pool_size_and_config_choice():
+    """``metrics.jsonl``'s ``pool_size``: the global batch under ``global``, micro batch x workers under ``micro``;
+    an unknown mode is refused naming the key."""
+    from lsvcr_dist.config import ConfigError
+    from lsvcr_dist.train.loop import pool_size
+
+    cfg = _cfg(2)  # global_batch 12 = 2 workers x 3 micro-steps x 2 rows
+    assert pool_size(cfg, 2) == 12
+    assert pool_size(_cfg(2, "contrastive_pool=micro"), 2) == 4
+    with pytest.raises(ConfigError, match="contrastive_pool.*must be one of micro, global"):
+        _cfg(2, "contrastive_pool=all")
