@@ -9,6 +9,8 @@ For a pool of P rows on W workers, both modes train on the same P rows per optim
 * ``global``: ``micro_batch`` stays the config's (``--pool-micro``), ``A = P / (micro_batch * W)`` accumulated
   micro-batches, every query against all P rows by ``grad_cache.grad_cache_step`` (one extra no-grad forward).
 
+Speed is reported per wall second and per CPU second of the workers (``time.process_time``, one torch thread per
+worker by default): on a box shared with other jobs the wall rate swings with their load, the CPU rate much less.
 Every (mode, P) runs in freshly spawned processes (gloo / nccl, no Ray) over the same pre-transformed rows, so the
 per-process peak memory (``max_memory_allocated`` on GPU, ``ru_maxrss`` on CPU, which includes the ~constant
 imports and weights: ``rss_after_setup`` is reported beside it) belongs to that configuration alone.
@@ -87,15 +89,16 @@ def pool_worker(rank: int, world: int, port: int, cfg_dict: dict, data_dir: str,
         for i, chunk in enumerate(mine):
             if i == 1:  # the first step is warm-up (allocator, kernels, DeepSpeed buffers)
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             loss, rows = _one_step(parts, cfg, chunk, i * accum, device)
             losses.append(loss)
             samples += rows if i else 0
         if cuda:
             torch.cuda.synchronize()
+        cpu_s = time.process_time() - c0  # before the barrier: this rank's own work, not its wait for the others
         dist.barrier()
         elapsed = time.perf_counter() - t0
-        _gather_and_write({"rank": rank, "elapsed_s": elapsed, "samples": samples, "losses": losses,
+        _gather_and_write({"rank": rank, "elapsed_s": elapsed, "cpu_s": cpu_s, "samples": samples, "losses": losses,
                            "peak_memory_bytes": _peak_memory_bytes(cuda), "memory_after_setup_bytes": setup_mem},
                           out)
         dist.barrier()
@@ -134,6 +137,7 @@ def run_pool(cfg: AlignStageConfig, manifest: dict, pool: int, world: int, mode:
     elapsed = max(r["elapsed_s"] for r in ranks)
     return {"mode": mode, "pool": pool, "micro_batch": mb, "accum": run_cfg.grad_accum_steps(world),
             "samples_per_s": sum(r["samples"] for r in ranks) / elapsed,
+            "samples_per_cpu_s": sum(r["samples"] for r in ranks) / sum(r["cpu_s"] for r in ranks),
             "peak_memory_mib_per_worker": [r["peak_memory_bytes"] / 2**20 for r in ranks],
             "memory_after_setup_mib_per_worker": [r["memory_after_setup_bytes"] / 2**20 for r in ranks],
             "losses": ranks[0]["losses"]}
@@ -155,11 +159,12 @@ def pool_main(args: argparse.Namespace, overrides: list[str], cfg: AlignStageCon
             row[mode] = run_pool(cfg, manifest, pool, world, mode, micro, args.steps, threads, tmp)
         g, m = row["global"], row["micro"]
         row["speed_global_over_micro"] = g["samples_per_s"] / m["samples_per_s"]
+        row["cpu_speed_global_over_micro"] = g["samples_per_cpu_s"] / m["samples_per_cpu_s"]
         row["peak_memory_global_over_micro"] = float(np.max(g["peak_memory_mib_per_worker"])
                                                      / np.max(m["peak_memory_mib_per_worker"]))
-        print(f"[bench] pool {pool}: micro {m['samples_per_s']:.2f} samples/s "
-              f"{max(m['peak_memory_mib_per_worker']):.0f} MiB, global {g['samples_per_s']:.2f} samples/s "
-              f"{max(g['peak_memory_mib_per_worker']):.0f} MiB", flush=True)
+        print(f"[bench] pool {pool}: micro {m['samples_per_s']:.2f} samples/s ({m['samples_per_cpu_s']:.2f} per CPU s)"
+              f" {max(m['peak_memory_mib_per_worker']):.0f} MiB, global {g['samples_per_s']:.2f} samples/s "
+              f"({g['samples_per_cpu_s']:.2f} per CPU s) {max(g['peak_memory_mib_per_worker']):.0f} MiB", flush=True)
         rows.append({"pool": pool, **row})
     return {"pools": rows, "workers": world, "global_micro_batch": micro, "timed_steps": args.steps,
             "threads_per_worker": threads, "model": args.model, "device": "cuda" if torch.cuda.is_available()
