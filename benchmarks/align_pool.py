@@ -136,7 +136,7 @@ def run_pool(cfg: AlignStageConfig, manifest: dict, pool: int, world: int, mode:
     ranks = json.loads(out.read_text())
     elapsed = max(r["elapsed_s"] for r in ranks)
     return {"mode": mode, "pool": pool, "micro_batch": mb, "accum": run_cfg.grad_accum_steps(world),
-            "samples_per_s": sum(r["samples"] for r in ranks) / elapsed,
+            "timed_steps": steps, "samples_per_s": sum(r["samples"] for r in ranks) / elapsed,
             "samples_per_cpu_s": sum(r["samples"] for r in ranks) / sum(r["cpu_s"] for r in ranks),
             "peak_memory_mib_per_worker": [r["peak_memory_bytes"] / 2**20 for r in ranks],
             "memory_after_setup_mib_per_worker": [r["memory_after_setup_bytes"] / 2**20 for r in ranks],
@@ -153,10 +153,10 @@ def pool_main(args: argparse.Namespace, overrides: list[str], cfg: AlignStageCon
     tmp = Path(tempfile.mkdtemp(prefix="lsvcr-pool-"))
     rows, load_before = [], os.getloadavg()[0]
     for pool in pools:
-        row = {}
+        row, steps = {}, max(1, args.steps * max(pools) // pool)  # every pool times the same number of samples
         for mode in ("micro", "global"):
             print(f"[bench] pool {pool}: {mode}", flush=True)
-            row[mode] = run_pool(cfg, manifest, pool, world, mode, micro, args.steps, threads, tmp)
+            row[mode] = run_pool(cfg, manifest, pool, world, mode, micro, steps, threads, tmp)
         g, m = row["global"], row["micro"]
         row["speed_global_over_micro"] = g["samples_per_s"] / m["samples_per_s"]
         row["cpu_speed_global_over_micro"] = g["samples_per_cpu_s"] / m["samples_per_cpu_s"]
@@ -166,6 +166,6 @@ def pool_main(args: argparse.Namespace, overrides: list[str], cfg: AlignStageCon
               f" {max(m['peak_memory_mib_per_worker']):.0f} MiB, global {g['samples_per_s']:.2f} samples/s "
               f"({g['samples_per_cpu_s']:.2f} per CPU s) {max(g['peak_memory_mib_per_worker']):.0f} MiB", flush=True)
         rows.append({"pool": pool, **row})
-    return {"pools": rows, "workers": world, "global_micro_batch": micro, "timed_steps": args.steps,
+    return {"pools": rows, "workers": world, "global_micro_batch": micro, "timed_samples": args.steps * max(pools),
             "threads_per_worker": threads, "model": args.model, "device": "cuda" if torch.cuda.is_available()
             else "cpu", "load_avg_1m": [load_before, os.getloadavg()[0]], "command": command}

@@ -70,7 +70,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
                         "in one process for ROUNDS rounds")
     p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
     p.add_argument("--pools", default="", help="instead: contrastive_pool micro vs global at these pool sizes "
-                   "(benchmarks/align_pool.py), on the last --workers count; --steps timed optimizer steps")
+                   "(benchmarks/align_pool.py), on the last --workers count; --steps timed optimizer steps at the "
+                   "largest pool, as many samples at the others")
     p.add_argument("--pool-micro", type=int, default=0, help="micro batch of the global mode (0 = the config's)")
 
 
