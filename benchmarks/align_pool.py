@@ -41,8 +41,8 @@ def _split(raw: dict, n: int) -> list[dict]:
     return [{k: v[i:i + n] for k, v in raw.items()} for i in range(0, rows, n)]
 
 
-def _one_step(parts, cfg: AlignStageConfig, chunk: dict, first_index: int, device: str) -> tuple[float, int]:
-    """One optimizer step on ``chunk`` (P / W rows of this rank) in the config's mode; returns (loss, rows)."""
+def _one_step(parts, cfg: AlignStageConfig, chunk: dict, first_index: int, device: str) -> dict[str, float]:
+    """One optimizer step on ``chunk`` (P / W rows of this rank) in the config's mode; the step's reduced metrics."""
     from lsvcr_dist.train import distributed
     from lsvcr_dist.train.align_step import (micro_step, reduce_metrics, seed_micro_step, text_inputs, to_tensors,
                                              trim_prompts, trim_text)
@@ -60,8 +60,7 @@ def _one_step(parts, cfg: AlignStageConfig, chunk: dict, first_index: int, devic
         for m in queued:
             seed_micro_step(cfg.seed, distributed.rank(), m.index)
             metrics.append(micro_step(parts.engine, parts.loss_fn, m.batch, m.text, cfg.rand_pos))
-    reduced = reduce_metrics(metrics, cfg.loss.lm_reduction, device)
-    return reduced["loss"], int(reduced["samples"])
+    return reduce_metrics(metrics, cfg.loss.lm_reduction, device)
 
 
 def pool_worker(rank: int, world: int, port: int, cfg_dict: dict, data_dir: str, chunks: list[list[dict]],
@@ -85,14 +84,15 @@ def pool_worker(rank: int, world: int, port: int, cfg_dict: dict, data_dir: str,
         mine = chunks[rank]
         parts = build_parts(cfg, data_dir, world, device, len(mine), reference=False)
         setup_mem = _peak_memory_bytes(cuda)
-        accum, losses, samples, t0 = cfg.grad_accum_steps(world), [], 0, 0.0
+        accum, losses, samples, t0 = cfg.grad_accum_steps(world), {"loss": [], "loss_sr": [], "loss_ssc": []}, 0, 0.0
         for i, chunk in enumerate(mine):
             if i == 1:  # the first step is warm-up (allocator, kernels, DeepSpeed buffers)
                 dist.barrier()
                 t0, c0 = time.perf_counter(), time.process_time()
-            loss, rows = _one_step(parts, cfg, chunk, i * accum, device)
-            losses.append(loss)
-            samples += rows if i else 0
+            reduced = _one_step(parts, cfg, chunk, i * accum, device)
+            for k, v in losses.items():
+                v.append(reduced[k])
+            samples += int(reduced["samples"]) if i else 0
         if cuda:
             torch.cuda.synchronize()
         cpu_s = time.process_time() - c0  # before the barrier: this rank's own work, not its wait for the others
