@@ -7,8 +7,8 @@ ZeRO-3 (gloo, spawn, no Ray). Dropout and randomized positions are off for the c
 other masks than A*W small ones); a separate test keeps them on and checks the seed replay. Same-user and
 duplicate-target false negatives are planted ACROSS micro-batches and ranks so the masks of the global pool count.
 
-Tolerance: fp32, ``|g - g_ref| <= 1e-5 + 1e-4 * |g_ref|`` per element (summation order differs; measured max
-absolute error ~1e-7).
+Tolerance: fp32, ``|g - g_ref| <= 1e-5 + 1e-4 * |g_ref|`` per element (summation order and padding widths differ;
+the largest absolute difference measured was 1.5e-5, W=1 A=3, printed by the tests).
 """
 
 from __future__ import annotations
