@@ -69,6 +69,10 @@ def _extra(p: argparse.ArgumentParser) -> None:
                         "fused_adamw) "
                         "in one process for ROUNDS rounds")
     p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
+    p.add_argument("--pools", default="", help="instead: contrastive_pool micro vs global at these pool sizes "
+                   "(benchmarks/align_pool.py), on the last --workers count; --steps timed optimizer steps at the "
+                   "largest pool, as many samples at the others")
+    p.add_argument("--pool-micro", type=int, default=0, help="micro batch of the global mode (0 = the config's)")
 
 
 def _init_ray(num_cpus: int, attempts: int = 3) -> None:
@@ -383,13 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     from lsvcr_dist.data.manifest import read_manifest
 
     run_dir = Path(base_cfg.run_dir)
-    if not args.ab or not (run_dir / "data" / "manifest.json").is_file():
+    if not (args.ab or args.pools) or not (run_dir / "data" / "manifest.json").is_file():
         _init_ray(max(4, 2 * max(workers)))
     ensure_data(args.config, overrides, run_dir)
     manifest = read_manifest(run_dir / "data")
     command = "python benchmarks/align_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.ab:
         return ab_main(args, overrides, base_cfg, manifest, command)
+    if args.pools:
+        from benchmarks.align_pool import pool_main
+
+        res = {**pool_main(args, overrides, base_cfg, manifest, command), "date": _now()}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return 0
     load_before = os.getloadavg()[0]
     runs, ingest, phases = run_scaling(args, overrides, base_cfg, manifest, workers)
     result = {**scaling_result(runs, ingest, args, base_cfg), "phase_wall_s": phases, "date": _now(),

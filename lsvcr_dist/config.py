@@ -207,6 +207,10 @@ class AlignStageConfig:
     """Randomized positional encoding (3.1.2); Table 4 'w/o RandPosi' when False."""
     trim_padding: bool = True
     """Cut prompt/text right padding to the micro-batch's longest real length before the step (exact, less work)."""
+    contrastive_pool: Literal["micro", "global"] = "micro"
+    """Negatives of L_SR / L_SSC: ``micro`` = every worker's current micro-batch (``micro_batch * workers`` rows);
+    ``global`` = the whole global batch (all workers x all accumulation micro-steps), exact by gradient caching
+    (``train/grad_cache.py``: one extra no-grad forward per sample, memory of one micro-batch)."""
     text_bucket: int = 0
     """Online texts run in length-sorted chunks of at most this many, each cut to its longest (exact; 0 = one batch)."""
     enabled: bool = True

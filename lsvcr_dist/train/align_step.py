@@ -8,7 +8,8 @@ in ``torch.multiprocessing`` spawn + gloo tests.
 
 Negatives: ``s``, ``s~`` and ``e`` are all-gathered with gradients, so the contrastive pool of L_SR and L_SSC is
 every worker's current micro-batch (``pool_size = micro_batch * world_size``), as the public code (there 2 x 8).
-Gradient accumulation adds no negatives. Target text ids are gathered too, for duplicate-target masking.
+Gradient accumulation adds no negatives here; ``contrastive_pool=global`` (``train/grad_cache.py``) makes the pool the
+whole global batch. Target text ids are gathered too, for duplicate-target masking.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Each worker rebuilds the config from its argument, builds tokenizer / LLM + LoRA / SR inside the process (seeded,
 so all ranks start identical), wraps them in one DeepSpeed engine and streams ``get_dataset_shard("train")``.
 Per micro-batch: forward, all-gather of s, s~, e (negatives = every worker's micro-batch), L_ALI (Eq. 16),
-``engine.backward`` / ``engine.step``. DeepSpeed accumulates ``global_batch / (micro_batch * workers)`` micro-batches
+``engine.backward`` / ``engine.step``; under ``contrastive_pool=global`` the step's micro-batches are queued and
+``grad_cache.grad_cache_step`` runs them against the whole global batch. DeepSpeed accumulates ``global_batch / (micro_batch * workers)`` micro-batches
 per optimizer step. Resume sources: ``ray.train.get_checkpoint()`` (FailureConfig restarts and same-name runs) and
 ``config["_resume_from"]`` (the latest complete checkpoint the driver found under ``run_dir/align``).
 """
@@ -38,6 +39,7 @@ from lsvcr_dist.train.align_step import (
 )
 from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
 from lsvcr_dist.train.distributed import barrier
+from lsvcr_dist.train.grad_cache import Micro, grad_cache_step
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -270,6 +272,11 @@ class Throughput:
         return out
 
 
+def pool_size(cfg: AlignStageConfig, world: int) -> int:
+    """Rows every InfoNCE query of a step is contrasted with: the global batch, or every worker's micro-batch."""
+    return cfg.global_batch if cfg.contrastive_pool == "global" else cfg.deepspeed.micro_batch * world
+
+
 def end_of_step(w: Worker, pos: Position, reduced: dict[str, float], meter: Throughput) -> None:
     """After optimizer step ``pos.step``: fault hook, then a metric line and a checkpoint or a plain report when due."""
     maybe_inject_fault(w, pos.step)
@@ -280,7 +287,7 @@ def end_of_step(w: Worker, pos: Position, reduced: dict[str, float], meter: Thro
         return
     metrics = {"step": pos.step, "epoch": pos.epoch, **{k: reduced[k] for k in LOGGED},
                "lr": float(w.engine.get_lr()[0]), **meter.rates(),
-               "pool_size": cfg.deepspeed.micro_batch * w.world, "world_size": w.world}
+               "pool_size": pool_size(cfg, w.world), "world_size": w.world}
     log_metrics(w, metrics)
     if ckpt_now:
         checkpoint(w, pos, metrics)
@@ -314,6 +321,7 @@ def train_loop_per_worker(config: dict) -> None:
     if pos.step >= cfg.max_steps:
         print(f"[align] rank {w.rank}: already at step {pos.step} >= max_steps={cfg.max_steps}")
     pending: list[dict] = []
+    queued: list[Micro] = []  # contrastive_pool=global: the step's micro-batches, run together by grad_cache_step
     skip, micro_index = pos.micro_in_epoch, pos.step * w.accum
     meter = Throughput()
     while pos.step < cfg.max_steps:
@@ -322,12 +330,17 @@ def train_loop_per_worker(config: dict) -> None:
             if pos.micro_in_epoch < skip:  # resume mid-epoch: these micro-batches were consumed before
                 pos.micro_in_epoch += 1
                 continue
-            seed_micro_step(cfg.seed, w.rank, micro_index)
             batch_t = to_tensors(batch, w.device)
             text = text_inputs(batch, w.num_videos, w.encode_texts, w.device)
             if cfg.trim_padding:  # exact: the cut columns are right padding (benchmarks/RESULTS.md measures the gain)
                 batch_t, text = trim_prompts(batch_t), trim_text(text)
-            pending.append(micro_step(w.engine, w.loss_fn, batch_t, text, cfg.rand_pos))
+            if cfg.contrastive_pool == "global":
+                queued.append(Micro(micro_index, batch_t, text))
+                if len(queued) == w.accum:
+                    pending, queued = grad_cache_step(w.engine, w.loss_fn, queued, cfg.seed, cfg.rand_pos), []
+            else:
+                seed_micro_step(cfg.seed, w.rank, micro_index)
+                pending.append(micro_step(w.engine, w.loss_fn, batch_t, text, cfg.rand_pos))
             micro_index += 1
             pos.micro_in_epoch += 1
             if len(pending) < w.accum:
