@@ -407,10 +407,18 @@ class EmbeddingStore:
         if bad.any():
             raise EmbeddingError(f"{self.path}: text id {int(flat[bad][0])} outside 0..{self.count}")
         out = np.empty((len(flat), self.dim), dtype=np.float32)
+        if len(self.shards) == 1:
+            out[:] = self.shards[0][flat]
+            return out.reshape(*ids.shape, self.dim)
+        # one sort, then one contiguous run of positions per shard hit (a mask per shard would be O(shards x ids))
         shard_of = flat // self.shard_rows
-        for s in np.unique(shard_of):
-            sel = shard_of == s
-            out[sel] = self.shards[s][flat[sel] - s * self.shard_rows]
+        order = np.argsort(shard_of, kind="stable")
+        sorted_shards = shard_of[order]
+        cuts = np.flatnonzero(np.diff(sorted_shards)) + 1
+        for part in np.split(order, cuts):
+            if len(part):
+                s = int(shard_of[part[0]])
+                out[part] = self.shards[s][flat[part] - s * self.shard_rows]
         return out.reshape(*ids.shape, self.dim)
 
     def as_array(self) -> np.ndarray:
