@@ -10,14 +10,14 @@ fine-tune model of ``--config`` over that store and train ``--steps`` steps on r
 comment ids are redrawn uniformly over the whole synthetic store. Per worker it reports the peak of the private
 memory (``RssAnon``, sampled after setup and every step), the file-backed pages mapped at the end (``RssFile``: the
 page cache shared by every process on the node, reclaimable) and ``VmHWM``. ``old`` rows load the whole store as
-the fp32 tensor the workers used to hold (``EmbeddingStore.as_tensor``).
+the fp32 tensor the workers used to hold (``EmbeddingStore.as_tensor``), registered as the model's non-persistent
+buffer as it was (so DDP also broadcasts it from rank 0 at every forward, as it did).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import sys
@@ -102,6 +102,8 @@ def worker(rank: int, world: int, port: int, args: dict, store: str, mode: str, 
     text = st.as_tensor() if mode == "old" else load_text_table(store, verify="size")
     torch.manual_seed(0)
     model, _ = build_finetune_model(cfg, args["task"], num_videos=st.num_videos, text_table=text)
+    if mode == "old":  # as the model held it before: a non-persistent buffer, which DDP broadcasts every forward
+        model.register_buffer("text_table", text, persistent=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     peak = max(peak, _status()["RssAnon"])
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)

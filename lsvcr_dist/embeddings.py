@@ -53,7 +53,7 @@ import numpy as np
 
 from lsvcr_dist import store_progress as progress
 from lsvcr_dist.checksums import BLOCK, check_record, file_record
-from lsvcr_dist.store_stats import (  # noqa: F401 - re-exported: stores and their statistics, one import path
+from lsvcr_dist.store_stats import (  # noqa: F401 - thresholds re-exported: one import path for the store
     MIN_RELATIVE_SPREAD,
     NEAR_CONSTANT_COSINE,
     StoreStats,
