@@ -161,6 +161,7 @@ class EmbeddingWriter:
                 self.written[start:start + n] = True
                 self.done[s] = True
             else:
+                progress.unmark(self.path, shard_name(s))
                 arr = np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(n, dim))
                 arr[:] = 0
             self.shards.append(arr)

@@ -81,6 +81,11 @@ def mark(path: Path, shard_file: str) -> dict:
     return record
 
 
+def unmark(path: Path, shard_file: str) -> None:
+    """Forget the completion of a shard that is written again."""
+    (path / done_name(shard_file)).unlink(missing_ok=True)
+
+
 def clear(path: Path) -> None:
     """Remove every completion marker and ``progress.json`` (a finished store, or a fresh start)."""
     for f in list(path.glob("shard-*.done")) + [path / PROGRESS]:

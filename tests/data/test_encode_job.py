@@ -242,3 +242,14 @@ def test_resume_with_other_settings_starts_over(tmp_path, monkeypatch):
     encode_texts_local(other, log=lines.append)
     assert any("the interrupted write had other settings (meta)" in x for x in lines)
     assert not any("already complete" in x for x in lines)
+
+
+def test_ray_row_numbers_map_onto_the_pending_text_ids():
+    """A resumed Ray encode enumerates only the texts left: row numbers 0..N-1 over the pending ranges."""
+    from lsvcr_dist.encode import positions_to_text_ids
+
+    ranges = [(7, 14), (21, 23)]
+    assert positions_to_text_ids(np.arange(9), ranges).tolist() == [7, 8, 9, 10, 11, 12, 13, 21, 22]
+    assert positions_to_text_ids(np.array([8, 0]), ranges).tolist() == [22, 7]
+    with pytest.raises(ValueError, match="outside the 9 pending texts"):
+        positions_to_text_ids(np.array([9]), ranges)
