@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = {name: {str(g): round(args.texts * f / (g * gpu_peak * args.gpu_mfu), 1) for g in (1, 8, 64)}
            for name, f in per_text.items()}
     out = {
-        "date": time.strftime("%Y-%m-%d"), "texts": n, "seconds": round(secs, 2), "wall_s_with_setup_and_close": round(wall, 2), "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"), "texts": n, "seconds": round(secs, 2),
+        "wall_s_with_setup_and_close": round(wall, 2), "threads": args.threads,
         "texts_per_s": round(rate, 1), "texts_per_s_per_core": round(rate / args.threads, 1),
         "tokens_per_text": {"mean": round(float(lengths.mean()), 2), "max": int(lengths.max())},
         "flops_per_text": {k: round(v) for k, v in per_text.items()},
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "extrapolated_texts": args.texts,
         "cpu_hours": {"1_core": round(args.texts / (rate / args.threads) / 3600, 2),
                       f"{args.cores}_cores": round(args.texts / (rate / args.threads * args.cores) / 3600, 2)},
-        "gpu_seconds_at_assumed_mfu": gpu, "gpu_assumption": f"H100/H200 bf16 peak {PEAK_TFLOPS['H100']} TFLOP/s "
-                                                             f"x {args.gpu_mfu} MFU, linear in GPUs",
+        "gpu_seconds_at_assumed_mfu": gpu,
+        "gpu_assumption": f"H100/H200 bf16 peak {PEAK_TFLOPS['H100']} TFLOP/s x {args.gpu_mfu} MFU, linear in GPUs",
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

@@ -118,8 +118,9 @@ def worker(rank: int, world: int, port: int, args: dict, store: str, mode: str, 
         train_step(ddp, batch, args["task"], task_loss, FinetuneLoss.from_config(cfg.loss), opt, gen)
         peak = max(peak, _status()["RssAnon"])
     end = _status()
-    Path(result).write_text(json.dumps({"rank": rank, "mode": mode, "peak_rss_anon": peak, "rss_file_end": end["RssFile"],
-                                        "vm_hwm": end["VmHWM"], "rss_anon_before_setup": base["RssAnon"],
+    Path(result).write_text(json.dumps({"rank": rank, "mode": mode, "peak_rss_anon": peak,
+                                        "rss_file_end": end["RssFile"], "vm_hwm": end["VmHWM"],
+                                        "rss_anon_before_setup": base["RssAnon"],
                                         "step_s": (time.perf_counter() - t0) / args["steps"]}))
     dist.destroy_process_group()
 

@@ -3,8 +3,8 @@
 ``FinetuneModel`` turns a ``schema.FINETUNE_BATCH`` of ids into the SR model's keyword arguments by looking text
 vectors up in a frozen table (the aligned embedding store, or the base store for 'w/o Alignment'), read row by row
 from the memory-mapped store (``text_rows.TextRows``), never a parameter or buffer, so checkpoints carry only the SR
-weights and a worker's memory does not grow with the number of texts. Scores are cosine similarities divided by tau, as the
-public code's ``FinetuneRecComModel``: videos are encoded with ID + title (Eq. 18), comments by text only.
+weights and a worker's memory does not grow with the number of texts. Scores are cosine similarities divided by tau,
+as the public code's ``FinetuneRecComModel``: videos are encoded with ID + title (Eq. 18), comments by text only.
 
 Also here: loading the aligned SR weights with a clear error on any shape mismatch (``load_aligned_state``), and
 the position-table extension from the alignment length to the fine-tune length (3.1.2 / Table 4 'w/o RandPosi').

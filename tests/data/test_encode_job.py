@@ -205,10 +205,12 @@ def test_killed_encode_resumes_by_shard_to_the_same_bytes(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         encode_texts_local(_cfg(killed), log=lambda *_: None)
     store = killed / "embeddings" / "base"
-    assert sorted(p.name for p in store.glob("*.done")) == ["shard-00000.done"] and not (store / "manifest.json").exists()
+    assert sorted(p.name for p in store.glob("*.done")) == ["shard-00000.done"]
+    assert not (store / "manifest.json").exists()
     shard0 = (store / "shard-00000.npy").read_bytes()
     seen.clear()
-    monkeypatch.setattr(TextEncoder, "encode_ids", lambda self, ids: seen.extend(int(i) for i in ids) or real(self, ids))
+    monkeypatch.setattr(TextEncoder, "encode_ids",
+                        lambda self, ids: seen.extend(int(i) for i in ids) or real(self, ids))
     lines: list[str] = []
     encode_texts_local(_cfg(killed), log=lines.append)
     assert seen == list(range(7, NV + NC + 1))  # ids 1-6 (shard 0) were not encoded again
