@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lsvcr_dist.embeddings import EmbeddingError, EmbeddingWriter
-from lsvcr_dist.progress import Progress
+from lsvcr_dist.progress import Progress, emit
 
 ALIGN_FINAL = Path("align") / "final"
 
@@ -174,7 +174,7 @@ def _aligned_text_norm(final: Path) -> str | None:
     return (conf.get("llm") or {}).get("text_norm", "none") if conf else None
 
 
-def project_base_store(cfg, log=print) -> dict:
+def project_base_store(cfg, log=emit) -> dict:
     """The aligned store of a ``text_source=store`` alignment: the aligned text MLP over the base store's rows.
 
     That alignment never ran the LLM on titles or comments (its SR model read the frozen base store), so the aligned
@@ -231,7 +231,7 @@ def _writer(cfg, dim: int, nv: int, nc: int, meta: dict, resume: bool) -> Embedd
                            standardize=cfg.which == "base" and cfg.llm.text_norm == "standardize", resume=resume)
 
 
-def resume_writer(cfg, nv: int, nc: int, meta: dict, log=print) -> EmbeddingWriter | None:
+def resume_writer(cfg, nv: int, nc: int, meta: dict, log=emit) -> EmbeddingWriter | None:
     """The writer continuing an interrupted encode of the same settings (``cfg.resume``), or None for a fresh one.
 
     Completed shards are kept (``EmbeddingWriter.pending()`` gives what is left); the log names what was kept or why
@@ -267,7 +267,7 @@ def positions_to_text_ids(pos: np.ndarray, ranges: list[tuple[int, int]]) -> np.
     return first[which] + pos - starts[which]
 
 
-def _write_store(cfg, batches, nv: int, nc: int, meta: dict, writer: EmbeddingWriter | None = None, log=print):
+def _write_store(cfg, batches, nv: int, nc: int, meta: dict, writer: EmbeddingWriter | None = None, log=emit):
     """Drain ``{"text_id", "vector"}`` batches into the store at ``run_dir/embeddings/<which>``, printing progress.
 
     A fresh writer is opened on the first batch because the vector width (H or the projected text_dim) is only known
@@ -297,7 +297,7 @@ def _report_stats(manifest: dict, log) -> None:
         log(f"WARNING: {w}")
 
 
-def encode_texts_local(cfg, log=print) -> dict:
+def encode_texts_local(cfg, log=emit) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
     if _store_source(cfg):
         return project_base_store(cfg, log)
@@ -316,7 +316,7 @@ def encode_texts_local(cfg, log=print) -> dict:
     return {**manifest, "seconds": secs}
 
 
-def encode_texts(cfg, log=print) -> dict:
+def encode_texts(cfg, log=emit) -> dict:
     """Encode every title and comment with a Ray Data actor pool (Ray must be initialised by the caller).
 
     Args:

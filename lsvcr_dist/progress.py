@@ -12,6 +12,11 @@ import time
 from collections.abc import Callable
 
 
+def emit(line: str) -> None:
+    """Print and flush: a Ray worker's stdout is a file, block-buffered, so an unflushed line can sit for minutes."""
+    print(line, flush=True)
+
+
 def format_eta(seconds: float) -> str:
     """``H:MM:SS`` of a non-negative number of seconds (``?`` when unknown)."""
     if seconds != seconds or seconds < 0 or seconds == float("inf"):  # NaN, negative or unbounded
@@ -34,7 +39,7 @@ class Progress:
         unit: what ``samples`` counts (``samples``, ``texts``).
     """
 
-    def __init__(self, name: str, total_steps: int = 0, every_s: float = 30.0, log: Callable[[str], None] = print,
+    def __init__(self, name: str, total_steps: int = 0, every_s: float = 30.0, log: Callable[[str], None] = emit,
                  clock: Callable[[], float] = time.monotonic, unit: str = "samples", total_samples: int = 0):
         self.name, self.total, self.every_s, self.log, self.clock, self.unit = (
             name, int(total_steps), float(every_s), log, clock, unit)

@@ -27,7 +27,7 @@ from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
 from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best, store_dir
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
-from lsvcr_dist.progress import Progress
+from lsvcr_dist.progress import Progress, emit
 from lsvcr_dist.train.distributed import all_reduce_mean, broadcast_flag, rank, world_size
 from lsvcr_dist.train.engine import make_adamw
 
@@ -216,7 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums, steps = {}, 0
         # rank 0 prints for everyone: the workers step together (DDP), so its rate x W is the stage's rate
         prog = Progress(f"finetune {w.task} epoch {epoch}", epoch_steps, cfg.progress_every_s,
-                        log=print if rank() == 0 else _quiet)
+                        log=emit if rank() == 0 else _quiet)
         for batch in epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims):
             m = train_step(ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
             for k, v in m.items():
