@@ -15,7 +15,10 @@ it. For every task:
    own per-epoch training time and samples/s (``metrics.jsonl``: ``train_s``, ``samples_per_s``), validation apart.
 
 Reported per task: samples/s of each, per core (the stage's cores = workers x torch threads per worker), and
-``ratio_per_core`` = plain per core / stage per core (1.0 = the stage costs nothing over the loop).
+``ratio_per_core`` = plain per core / stage per core (1.0 = the stage costs nothing over the loop); the plain loop
+runs right before and right after the stage (the mean is used: the load of a shared box drifts). The stage's epoch
+time includes its first step, which waits for the epoch's Ray Data pipeline to start (``first_step_s``);
+``ratio_per_core_steady`` leaves that step out.
 """
 
 from __future__ import annotations
@@ -122,33 +125,39 @@ def stage(cfg: FinetuneStageConfig, task: str, epochs: int) -> dict:
     lines = [json.loads(x) for x in (task_dir(cfg.run_dir, task) / "metrics.jsonl").read_text().splitlines()]
     ep = [x for x in lines if x["epoch"] >= 1]
     cores = cfg.scaling.num_workers * max(1, int(cfg.scaling.cpus_per_worker))  # Ray: OMP threads = CPUs, >= 1
-    best = max(ep, key=lambda x: x["samples_per_s"])
+    keys = ("epoch", "steps", "train_s", "first_step_s", "samples_per_s", "steady_samples_per_s", "loss")
+    best = max(x["samples_per_s"] for x in ep)
+    steady = max(x.get("steady_samples_per_s") or 0.0 for x in ep)
     return {"workers": cfg.scaling.num_workers, "cores": cores, "wall_s": round(wall, 1),
-            "epochs": [{k: x[k] for k in ("epoch", "steps", "train_s", "samples_per_s", "loss")} for x in ep],
-            "samples_per_s": best["samples_per_s"], "per_core": round(best["samples_per_s"] / cores, 2),
+            "epochs": [{k: x.get(k) for k in keys} for x in ep],
+            "samples_per_s": best, "per_core": round(best / cores, 2),
+            "steady_samples_per_s": steady, "steady_per_core": round(steady / cores, 2),
             "time_s_total": round(lines[-1]["time_s"], 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse("finetune", __doc__.splitlines()[0], argv, extra=_extra)
-    out: dict = {"date": datetime.date.today().isoformat(), "host_cpus": os.cpu_count(),
-                 "batch": cfg.batch_size, "tasks": {}}
+    out: dict = {"date": datetime.date.today().isoformat(), "host_cpus": os.cpu_count(), "argv": sys.argv[1:],
+                 "batch": cfg.batch_size, "loadavg_start": os.getloadavg(), "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="ft_tp_") as tmp:
         cfg.run_dir = str(scratch_run(Path(args.source).resolve(), Path(tmp) / "run", cfg.init))
-        tasks = args.tasks.split(",")
-        for task in tasks:
-            plain = plain_loop(cfg, task, args.steps, args.warmup, args.threads)
-            print(f"plain {task}: {plain}", flush=True)
-            out["tasks"][task] = {"plain": plain}
         init_ray(num_cpus=4)
-        for task in tasks:
+        for task in args.tasks.split(","):
+            # plain loop before and after the stage: on a shared box the load drifts, the mean of both brackets it
+            before = plain_loop(cfg, task, args.steps, args.warmup, args.threads)
+            print(f"plain {task} (before): {before}", flush=True)
             st = stage(dataclasses.replace(cfg), task, args.epochs)
-            plain = out["tasks"][task]["plain"]
-            out["tasks"][task].update(stage=st, ratio_per_core=round(plain["per_core"] / st["per_core"], 2))
-            print(f"stage {task}: {st} ratio per core {out['tasks'][task]['ratio_per_core']}", flush=True)
+            print(f"stage {task}: {st}", flush=True)
+            after = plain_loop(cfg, task, args.steps, args.warmup, args.threads)
+            print(f"plain {task} (after): {after}", flush=True)
+            plain = round((before["per_core"] + after["per_core"]) / 2, 2)
+            out["tasks"][task] = {"plain_before": before, "plain_after": after, "plain_per_core": plain, "stage": st,
+                                  "ratio_per_core": round(plain / st["per_core"], 2),
+                                  "ratio_per_core_steady": round(plain / max(st["steady_per_core"], 1e-9), 2)}
+        out["loadavg_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({t: {"plain_per_core": v["plain"]["per_core"], "stage_per_core": v["stage"]["per_core"],
-                          "ratio_per_core": v["ratio_per_core"]} for t, v in out["tasks"].items()}))
+    print(json.dumps({t: {k: v[k] for k in ("plain_per_core", "ratio_per_core", "ratio_per_core_steady")}
+                      for t, v in out["tasks"].items()}))
     return 0
 
 

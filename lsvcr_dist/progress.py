@@ -46,6 +46,8 @@ class Progress:
         self.total_samples = int(total_samples)
         self.t0 = self.last = clock()
         self.step = self.samples = 0
+        self.first_s: float | None = None
+        """Seconds to the end of the first step (a data pipeline's start-up shows here)."""
 
     def line(self) -> str:
         """The current progress line: ``name: step s/T, n samples, r samples/s, ETA h:mm:ss``."""
@@ -66,6 +68,8 @@ class Progress:
         self.step += int(steps)
         self.samples += int(samples)
         now = self.clock()
+        if self.first_s is None:
+            self.first_s = now - self.t0
         if now - self.last < self.every_s:
             return False
         self.last = now

@@ -22,6 +22,7 @@ def test_a_line_at_most_every_30_s_with_rate_and_eta():
         printed.append(p.update(1, 64))
     # first line at t >= 30 after the start, next at t >= 30 after that line (61), then 95 (>= 91)
     assert printed == [False, False, False, True, False, False, True, False, True, False]
+    assert p.first_s == 10
     assert lines[0] == "finetune video epoch 1: step 4/10, 256 samples, 8.3 samples/s, ETA 0:00:46"
     assert lines[1] == "finetune video epoch 1: step 7/10, 448 samples, 7.3 samples/s, ETA 0:00:26"
     clock.t = 230

@@ -225,8 +225,11 @@ def train_loop_per_worker(config: dict) -> None:
             prog.update(1, per_worker * world_size())
         train_s = prog.done()
         train_metrics = {k: _mean_across(v / max(steps, 1)) for k, v in sums.items()}
-        train_metrics.update(steps=steps, train_s=round(train_s, 3),
-                             samples_per_s=round(steps * per_worker * world_size() / max(train_s, 1e-9), 2))
+        first = prog.first_s or 0.0  # the first step waits for the epoch's data pipeline to start
+        train_metrics.update(steps=steps, train_s=round(train_s, 3), first_step_s=round(first, 3),
+                             samples_per_s=round(steps * per_worker * world_size() / max(train_s, 1e-9), 2),
+                             steady_samples_per_s=round((steps - 1) * per_worker * world_size()
+                                                        / max(train_s - first, 1e-9), 2) if steps > 1 else None)
         stop = False
         if rank() == 0:
             ddp.eval()
