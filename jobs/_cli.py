@@ -70,6 +70,9 @@ def init_ray(num_cpus: int | None = None, runtime_env: dict | None = None) -> No
             include_dashboard=False,
             runtime_env=env,
             object_store_memory=int(os.environ.get("LSVCR_OBJECT_STORE_BYTES", 1_000_000_000)),
+            # Ray starts its workers at nice 15: on a box shared with anything else (even a nice-10 job) the training
+            # workers then wait for CPU while that job runs. The local cluster runs them at the driver's priority.
+            _system_config={"worker_niceness": int(os.environ.get("LSVCR_WORKER_NICENESS", 0))},
         )
     atexit.register(ray.shutdown)
 
