@@ -189,6 +189,32 @@ def validate(w: FinetuneWorker, epoch: int, train_metrics: dict) -> bool:
     return improved
 
 
+def train_epoch(w: FinetuneWorker, batches, epoch: int, epoch_steps: int, global_batch: int) -> dict:
+    """Train one epoch on this worker's ``batches``; returns the loss means over the workers plus ``steps``,
+    ``train_s``, ``first_step_s`` (the first step waits for the epoch's data pipeline to start), ``samples_per_s``
+    and ``steady_samples_per_s`` (without the first step). Rank 0 prints progress at most every
+    ``finetune.progress_every_s`` seconds: the workers step together (DDP), so its rate is the stage's."""
+    cfg = w.cfg
+    w.ddp.train()
+    sums, steps = {}, 0
+    prog = Progress(f"finetune {w.task} epoch {epoch}", epoch_steps, cfg.progress_every_s,
+                    log=emit if rank() == 0 else _quiet)
+    for batch in batches:
+        m = train_step(w.ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+        prog.update(1, global_batch)
+    train_s = prog.done()
+    first = prog.first_s or 0.0
+    out = {k: _mean_across(v / max(steps, 1)) for k, v in sums.items()}
+    out.update(steps=steps, train_s=round(train_s, 3), first_step_s=round(first, 3),
+               samples_per_s=round(steps * global_batch / max(train_s, 1e-9), 2),
+               steady_samples_per_s=round((steps - 1) * global_batch / max(train_s - first, 1e-9), 2)
+               if steps > 1 else None)
+    return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry: reads only ``config`` = ``{"cfg": to_dict(FinetuneStageConfig), "task": str}``.
 
@@ -212,24 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
         ddp.eval()
         validate(w, 0, {"loss": None})
     for epoch in range(1, cfg.max_epochs + 1):
-        ddp.train()
-        sums, steps = {}, 0
-        # rank 0 prints for everyone: the workers step together (DDP), so its rate x W is the stage's rate
-        prog = Progress(f"finetune {w.task} epoch {epoch}", epoch_steps, cfg.progress_every_s,
-                        log=emit if rank() == 0 else _quiet)
-        for batch in epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims):
-            m = train_step(ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            prog.update(1, per_worker * world_size())
-        train_s = prog.done()
-        train_metrics = {k: _mean_across(v / max(steps, 1)) for k, v in sums.items()}
-        first = prog.first_s or 0.0  # the first step waits for the epoch's data pipeline to start
-        train_metrics.update(steps=steps, train_s=round(train_s, 3), first_step_s=round(first, 3),
-                             samples_per_s=round(steps * per_worker * world_size() / max(train_s, 1e-9), 2),
-                             steady_samples_per_s=round((steps - 1) * per_worker * world_size()
-                                                        / max(train_s - first, 1e-9), 2) if steps > 1 else None)
+        train_metrics = train_epoch(w, epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims),
+                                    epoch, epoch_steps, per_worker * world_size())
         stop = False
         if rank() == 0:
             ddp.eval()
