@@ -162,8 +162,9 @@ class EmbeddingWriter:
                 self.done[s] = True
             else:
                 progress.unmark(self.path, shard_name(s))
+                # "w+" truncates and re-creates the file: it reads as zeros without writing them (sparse until
+                # written), so opening a fresh store costs no pass over its bytes
                 arr = np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(n, dim))
-                arr[:] = 0
             self.shards.append(arr)
 
     @staticmethod
