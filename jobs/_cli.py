@@ -106,7 +106,10 @@ def _start_local(num_cpus: int | None, env: dict) -> None:
         try:
             ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
                      dashboard_host="127.0.0.1", dashboard_port=dash_port, _temp_dir=tmp, runtime_env=env,
-                     object_store_memory=int(os.environ.get("LSVCR_OBJECT_STORE_BYTES", 1_000_000_000)))
+                     object_store_memory=int(os.environ.get("LSVCR_OBJECT_STORE_BYTES", 1_000_000_000)),
+                     # Ray starts its workers at nice 15: on a box shared with anything else (even a nice-10 job) the
+                     # training workers then wait for CPU. The local cluster runs them at the driver's priority.
+                     _system_config={"worker_niceness": int(os.environ.get("LSVCR_WORKER_NICENESS", 0))})
             break
         except Exception as e:
             if attempt == 2 or "timed out during startup" not in str(e):

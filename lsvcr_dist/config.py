@@ -35,6 +35,7 @@ from lsvcr_dist.config_blocks import (  # noqa: F401 - re-exported: the one impo
     at_least,
     check_choices,
     not_empty,
+    positive,
     probability,
 )
 
@@ -161,10 +162,16 @@ class EncodeConfig:
     """Stored dtype: the store holds fp16 vectors only."""
     allow_degenerate: bool = False
     """Write a store whose vectors barely differ (``embeddings.judge_stats``) instead of failing."""
+    resume: bool = True
+    """Continue an interrupted encode of the same texts and settings: shards already completed are kept, not
+    recomputed (``embeddings.EmbeddingWriter``); false = start over."""
+    progress_every_s: float = 30.0
+    """Seconds between progress lines (texts, texts/s, ETA), at most (plus one batch)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
         at_least(self, 1, "batch_size", "num_actors", "shard_rows")
+        positive(self, "progress_every_s")
 
 
 @dataclass
@@ -293,11 +300,14 @@ class FinetuneStageConfig:
     """Validation metric of early stopping and best-model selection (the public code selects on ``ndcg@5``)."""
     timeout_s: int = 3600
     """Wall-clock limit of the fit."""
+    progress_every_s: float = 30.0
+    """Seconds between progress lines (step, samples/s, ETA) of a training epoch, at most (plus one step)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
         not_empty(self, "tasks")
         at_least(self, 1, "max_epochs", "patience", "timeout_s")
+        positive(self, "progress_every_s")
         if self.batch_size < self.scaling.num_workers:  # each worker takes batch_size // num_workers rows
             raise ConfigError(f"must be >= scaling.num_workers = {self.scaling.num_workers} (a row per worker), got"
                               f" {self.batch_size}", "batch_size")

@@ -26,6 +26,11 @@ cosine 0.997 of every other) warns naming the store and the numbers; a degenerat
 ``center.npy`` / ``scale.npy`` (``manifest["text_norm"]``) so that the online alignment path and the aligned encoder
 apply the same map to fresh LLM(t) vectors (``load_text_norm``); ``stats_raw`` keeps the statistics before it.
 
+Resume: the writer marks each shard complete (flushed, size and sha256 recorded atomically, ``store_progress``) as
+soon as all its rows are written; ``EmbeddingWriter(..., resume=True)`` keeps those shards of an interrupted write
+with the same settings and ``pending()`` gives the text ids left. The statistics (and the standardisation) are
+computed at ``close`` in one pass in id order, so a resumed store is byte-identical to an uninterrupted one.
+
 Integrity: ``close()`` records each shard's size and sha256. ``open()`` checks every shard's size, and with
 ``verify="full"`` (the default; ``LSVCR_STORE_VERIFY=size`` makes ``"size"`` the default) also its sha256 and that
 every vector is finite, naming the shard and the text id. Full verification reads the whole store once (shards in
@@ -46,7 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lsvcr_dist import store_progress as progress
 from lsvcr_dist.checksums import BLOCK, check_record, file_record
+from lsvcr_dist.store_stats import (  # noqa: F401 - thresholds re-exported: one import path for the store
+    MIN_RELATIVE_SPREAD,
+    NEAR_CONSTANT_COSINE,
+    StoreStats,
+    judge_stats,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "lsvcr-embeddings/1"
@@ -60,83 +72,6 @@ class EmbeddingError(ValueError):
 def shard_name(i: int) -> str:
     """File name of shard ``i``."""
     return f"shard-{i:05d}.npy"
-
-
-NEAR_CONSTANT_COSINE = 0.9
-"""Mean pairwise cosine above which a group of the store is reported as near-constant."""
-MIN_RELATIVE_SPREAD = 0.01
-"""RMS distance to the group mean over RMS norm below which a group is degenerate."""
-
-
-class StoreStats:
-    """Streaming statistics of one group of vectors (exact, O(dim) memory).
-
-    The mean pairwise cosine over n non-zero rows is ``(|sum_i u_i|^2 - n) / (n (n - 1))`` with ``u_i`` the unit
-    vectors, so it needs only the running sum of unit vectors.
-    """
-
-    def __init__(self, dim: int) -> None:
-        self.n = 0
-        self.n_nonzero = 0
-        self.sum = np.zeros(dim, np.float64)
-        self.sumsq = np.zeros(dim, np.float64)
-        self.unit_sum = np.zeros(dim, np.float64)
-
-    def add(self, vectors: np.ndarray) -> None:
-        """Accumulate ``[N, dim]`` vectors."""
-        x = np.asarray(vectors, dtype=np.float64)
-        self.n += len(x)
-        self.sum += x.sum(0)
-        self.sumsq += (x * x).sum(0)
-        norm = np.linalg.norm(x, axis=1)
-        nz = norm > 0
-        self.n_nonzero += int(nz.sum())
-        self.unit_sum += (x[nz] / norm[nz, None]).sum(0)
-
-    def summary(self) -> dict:
-        """``rows``, ``mean_pairwise_cosine``, ``rms_norm``, ``offset_norm`` (norm of the mean), ``spread_norm`` (RMS
-        distance to the mean), ``relative_spread`` (= spread / rms norm) and ``dim_std`` {min, median, max}."""
-        if self.n == 0:
-            return {"rows": 0}
-        mean = self.sum / self.n
-        var = np.clip(self.sumsq / self.n - mean * mean, 0.0, None)
-        std = np.sqrt(var)
-        rms = float(np.sqrt(self.sumsq.sum() / self.n))
-        m = self.n_nonzero
-        cos = float((self.unit_sum @ self.unit_sum - m) / (m * (m - 1))) if m > 1 else 1.0
-        spread = float(np.sqrt(var.sum()))
-        return {"rows": self.n, "mean_pairwise_cosine": round(cos, 6), "rms_norm": rms,
-                "offset_norm": float(np.linalg.norm(mean)), "spread_norm": spread,
-                "relative_spread": spread / rms if rms > 0 else 0.0,
-                "dim_std": {"min": float(std.min()), "median": float(np.median(std)), "max": float(std.max())}}
-
-
-def _numbers(st: dict) -> str:
-    return (f"mean pairwise cosine {st['mean_pairwise_cosine']:.4f}, offset norm {st['offset_norm']:.4g} vs spread "
-            f"{st['spread_norm']:.4g}, per-dim std {st['dim_std']['min']:.3g}..{st['dim_std']['max']:.3g}")
-
-
-def judge_stats(stats: dict, path: str | Path, raw: dict | None = None) -> tuple[list[str], list[str]]:
-    """(warnings, errors) of a manifest ``stats`` block: near-constant groups warn, degenerate groups are errors.
-
-    Args:
-        stats: ``{group: StoreStats.summary()}`` of the stored vectors.
-        path: the store (named in every message).
-        raw: the statistics before standardisation, if any: degeneracy is judged on them (standardising would
-            blow fp16 noise up to unit variance).
-    """
-    warns, errors = [], []
-    for group, st in stats.items():
-        if st.get("rows", 0) < 2:  # nothing to compare
-            continue
-        base = (raw or stats).get(group, st)
-        if base["relative_spread"] < MIN_RELATIVE_SPREAD:
-            errors.append(f"{path}: {group} vectors are degenerate ({_numbers(base)}; relative spread "
-                          f"{base['relative_spread']:.2e} < {MIN_RELATIVE_SPREAD})")
-        elif st["mean_pairwise_cosine"] > NEAR_CONSTANT_COSINE:
-            warns.append(f"{path}: {group} vectors are near-constant ({_numbers(st)}): their information sits under"
-                         " a shared offset; check llm.pooling / llm.text_norm")
-    return warns, errors
 
 
 def _chunks(shards: list[np.ndarray], shard_rows: int, size: int = 65_536):
@@ -183,10 +118,12 @@ class EmbeddingWriter:
         shard_rows: rows per shard file.
         meta: manifest fields (model, kind, adapter, pooling, projected, which, ...).
         standardize: rewrite the store per-dimension standardised at ``close`` (module docstring).
+        resume: keep the shards an interrupted write of the same settings completed (``store_progress``); their
+            rows must not be written again (``pending()`` lists the rest). False = start over.
     """
 
     def __init__(self, path: str | Path, dim: int, num_videos: int, num_comments: int, shard_rows: int = 100_000,
-                 meta: dict | None = None, standardize: bool = False) -> None:
+                 meta: dict | None = None, standardize: bool = False, resume: bool = False) -> None:
         if dim <= 0 or shard_rows <= 0:
             raise ValueError(f"dim={dim} and shard_rows={shard_rows} must be positive")
         self.path = Path(path)
@@ -200,15 +137,57 @@ class EmbeddingWriter:
         self.meta = dict(meta or {})
         self.standardize = bool(standardize)
         rows = self.count + 1
-        self.shards = []
-        for s, start in enumerate(range(0, rows, self.shard_rows)):
-            n = min(self.shard_rows, rows - start)
-            arr = np.lib.format.open_memmap(self.path / shard_name(s), mode="w+", dtype=np.float16, shape=(n, dim))
-            arr[:] = 0
-            self.shards.append(arr)
+        bounds = [(start, min(self.shard_rows, rows - start)) for start in range(0, rows, self.shard_rows)]
+        signature = {"format": FORMAT, "dim": self.dim, "count": self.count, "num_videos": self.num_videos,
+                     "num_comments": self.num_comments, "shard_rows": self.shard_rows,
+                     "standardize": self.standardize, "meta": self.meta}
+        keep, self.resume_note = {}, "resume off"
+        if resume:
+            keep, self.resume_note = progress.completed(self.path, signature, [shard_name(i) for i in
+                                                                              range(len(bounds))])
+        if not keep:
+            progress.start(self.path, signature)
+        self.resumed = sorted(keep)
+        """Shards kept from an interrupted write (their rows are never written again)."""
         self.written = np.zeros(rows, dtype=bool)
         self.written[0] = True  # row 0 is the padding row, zeros by construction
-        self.stats = {"titles": StoreStats(self.dim), "comments": StoreStats(self.dim)}
+        self.shards, self.done = [], np.zeros(len(bounds), dtype=bool)
+        for s, (start, n) in enumerate(bounds):
+            f = self.path / shard_name(s)
+            if s in keep:
+                arr = np.load(f, mmap_mode="r+", allow_pickle=False)
+                if arr.dtype != np.float16 or arr.shape != (n, dim):
+                    raise EmbeddingError(f"{f}: {arr.dtype} {arr.shape}, expected float16 ({n}, {dim})")
+                self.written[start:start + n] = True
+                self.done[s] = True
+            else:
+                progress.unmark(self.path, shard_name(s))
+                # "w+" truncates and re-creates the file: it reads as zeros without writing them (sparse until
+                # written), so opening a fresh store costs no pass over its bytes
+                arr = np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(n, dim))
+            self.shards.append(arr)
+
+    @staticmethod
+    def interrupted_dim(path: str | Path) -> int | None:
+        """Vector width of an interrupted write in ``path`` (its ``progress.json``), None when there is none."""
+        prog = Path(path) / progress.PROGRESS
+        try:
+            return int(json.loads(prog.read_text())["dim"]) if prog.is_file() else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def pending(self) -> list[tuple[int, int]]:
+        """Text-id ranges ``[first, end)`` still to write: every shard not kept from an interrupted write."""
+        out: list[tuple[int, int]] = []
+        for s, arr in enumerate(self.shards):
+            if self.done[s]:
+                continue
+            lo, hi = max(1, s * self.shard_rows), s * self.shard_rows + arr.shape[0]
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            elif hi > lo:
+                out.append((lo, hi))
+        return out
 
     def write(self, text_ids: np.ndarray, vectors: np.ndarray) -> None:
         """Store ``vectors[i]`` at row ``text_ids[i]``.
@@ -237,13 +216,17 @@ class EmbeddingWriter:
             finite = np.isfinite(arr).all(axis=1)
             if not finite.all():
                 raise EmbeddingError(f"{self.path}: non-finite vector ({name}) for text id {int(ids[~finite][0])}")
-        for s in np.unique(ids // self.shard_rows):
+        touched = np.unique(ids // self.shard_rows)
+        for s in touched:
             sel = ids // self.shard_rows == s
             self.shards[s][ids[sel] - s * self.shard_rows] = half[sel]
         self.written[ids] = True
-        title = ids <= self.num_videos
-        self.stats["titles"].add(half[title])
-        self.stats["comments"].add(half[~title])
+        for s in touched:  # a shard whose rows are all written is flushed and marked: a resumed write keeps it
+            s = int(s)
+            if self.written[s * self.shard_rows:s * self.shard_rows + self.shards[s].shape[0]].all():
+                self.shards[s].flush()
+                progress.mark(self.path, shard_name(s))
+                self.done[s] = True
 
     def close(self, allow_degenerate: bool = False) -> dict:
         """Flush shards, check completeness and spread, write ``manifest.json`` (with ``stats`` and ``warnings``).
@@ -261,11 +244,12 @@ class EmbeddingWriter:
         missing = np.flatnonzero(~self.written)
         if len(missing):
             raise EmbeddingError(f"{self.path}: {len(missing)} text ids never written, e.g. {missing[:5].tolist()}")
-        stats = raw = {k: v.summary() for k, v in self.stats.items()}
+        stats = raw = self._stats()
         extra = {}
         if self.standardize:
             _, errors = judge_stats(raw, self.path)
             if not errors:  # a degenerate store is not rescaled (its noise would become unit variance)
+                progress.clear(self.path)  # the shards are rewritten: their completion records no longer hold
                 stats, extra = self._standardize(), {"stats_raw": raw}
         warns, errors = judge_stats(stats, self.path, raw)
         if errors and not allow_degenerate:
@@ -289,8 +273,19 @@ class EmbeddingWriter:
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(self.path / MANIFEST)  # atomic: a store with a manifest is complete
+        progress.clear(self.path)
         self.shards = []
         return manifest
+
+    def _stats(self) -> dict:
+        """``StoreStats`` summaries of titles and comments from one pass in id order: the same numbers whatever
+        order the rows were written in, and whether or not the write was resumed."""
+        st = {"titles": StoreStats(self.dim), "comments": StoreStats(self.dim)}
+        for s, lo, ids in _chunks(self.shards, self.shard_rows):
+            half = np.asarray(self.shards[s][lo:lo + len(ids)])
+            st["titles"].add(half[(ids > 0) & (ids <= self.num_videos)])
+            st["comments"].add(half[ids > self.num_videos])
+        return {k: v.summary() for k, v in st.items()}
 
 
     def _standardize(self) -> dict:
@@ -310,7 +305,7 @@ class EmbeddingWriter:
         np.save(self.path / "center.npy", center)
         np.save(self.path / "scale.npy", scale)
         self.meta["text_norm"] = {"kind": "standardize", "center": "center.npy", "scale": "scale.npy"}
-        after = {k: StoreStats(self.dim) for k in self.stats}
+        after = {k: StoreStats(self.dim) for k in ("titles", "comments")}
         for s, lo, ids in _chunks(self.shards, self.shard_rows):
             arr = self.shards[s]
             x = (np.asarray(arr[lo:lo + len(ids)], np.float32) - center) / scale
@@ -407,10 +402,18 @@ class EmbeddingStore:
         if bad.any():
             raise EmbeddingError(f"{self.path}: text id {int(flat[bad][0])} outside 0..{self.count}")
         out = np.empty((len(flat), self.dim), dtype=np.float32)
+        if len(self.shards) == 1:
+            out[:] = self.shards[0][flat]
+            return out.reshape(*ids.shape, self.dim)
+        # one sort, then one contiguous run of positions per shard hit (a mask per shard would be O(shards x ids))
         shard_of = flat // self.shard_rows
-        for s in np.unique(shard_of):
-            sel = shard_of == s
-            out[sel] = self.shards[s][flat[sel] - s * self.shard_rows]
+        order = np.argsort(shard_of, kind="stable")
+        sorted_shards = shard_of[order]
+        cuts = np.flatnonzero(np.diff(sorted_shards)) + 1
+        for part in np.split(order, cuts):
+            if len(part):
+                s = int(shard_of[part[0]])
+                out[part] = self.shards[s][flat[part] - s * self.shard_rows]
         return out.reshape(*ids.shape, self.dim)
 
     def as_array(self) -> np.ndarray:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsvcr_dist.embeddings import EmbeddingWriter
+from lsvcr_dist.embeddings import EmbeddingError, EmbeddingWriter
+from lsvcr_dist.progress import Progress, emit
 
 ALIGN_FINAL = Path("align") / "final"
 
@@ -76,16 +77,18 @@ class TextEncoder:
         seed: seed of the tiny backbone's random init (must equal the align stage's).
         norm_store: ``aligned`` only: the base store whose ``center``/``scale`` standardise LLM(t) before the MLP
             (empty = raw, ``llm.text_norm=none``).
+        ranges: text-id ranges ``[first, end)`` that the row numbers enumerate (a resumed encode); None = all texts.
     """
 
     def __init__(self, data_dir: str, llm: dict, sr: dict | None = None, which: str = "base", adapter: str = "",
-                 sr_file: str = "", seed: int = 0, norm_store: str = "") -> None:
+                 sr_file: str = "", seed: int = 0, norm_store: str = "", ranges: list | None = None) -> None:
         from lsvcr_dist.config import LLMConfig, SRConfig
         from lsvcr_dist.data.transforms import TextTokenizer
         from lsvcr_dist.models.llm_builders import build_causal_lm, resolve_dtype
         from lsvcr_dist.models.llm_rec import LLMRecommender
 
         cfg = LLMConfig(**llm)
+        self.ranges = [tuple(r) for r in ranges] if ranges else None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_dtype(cfg.dtype, cuda=self.device.type == "cuda")
         self.text = TextTokenizer.from_data_dir(data_dir, cfg)
@@ -127,7 +130,8 @@ class TextEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``{"id": [N]}`` row numbers of ``ray.data.range`` -> ``{"text_id": [N], "vector": [N, dim]}``."""
-        text_ids = np.asarray(batch["id"], dtype=np.int64) + 1
+        pos = np.asarray(batch["id"], dtype=np.int64)
+        text_ids = positions_to_text_ids(pos, self.ranges) if self.ranges else pos + 1
         return {"text_id": text_ids, "vector": self.encode_ids(text_ids)}
 
 
@@ -170,7 +174,7 @@ def _aligned_text_norm(final: Path) -> str | None:
     return (conf.get("llm") or {}).get("text_norm", "none") if conf else None
 
 
-def project_base_store(cfg, log=print) -> dict:
+def project_base_store(cfg, log=emit) -> dict:
     """The aligned store of a ``text_source=store`` alignment: the aligned text MLP over the base store's rows.
 
     That alignment never ran the LLM on titles or comments (its SR model read the frozen base store), so the aligned
@@ -217,20 +221,68 @@ def _counts(data_dir: str) -> tuple[int, int]:
     return dims["num_videos"], dims["num_comments"]
 
 
-def _write_store(cfg, batches, nv: int, nc: int, meta: dict):
-    """Drain ``{"text_id", "vector"}`` batches into the store at ``run_dir/embeddings/<which>``.
+def store_path(cfg) -> Path:
+    """``run_dir/embeddings/<which>``."""
+    return Path(cfg.run_dir) / "embeddings" / cfg.which
 
-    The writer is opened on the first batch because the vector width (H or the projected text_dim) is only known
-    then. Returns ``(manifest, seconds, writer)``.
+
+def _writer(cfg, dim: int, nv: int, nc: int, meta: dict, resume: bool) -> EmbeddingWriter:
+    return EmbeddingWriter(store_path(cfg), dim, nv, nc, cfg.shard_rows, meta,
+                           standardize=cfg.which == "base" and cfg.llm.text_norm == "standardize", resume=resume)
+
+
+def resume_writer(cfg, nv: int, nc: int, meta: dict, log=emit) -> EmbeddingWriter | None:
+    """The writer continuing an interrupted encode of the same settings (``cfg.resume``), or None for a fresh one.
+
+    Completed shards are kept (``EmbeddingWriter.pending()`` gives what is left); the log names what was kept or why
+    nothing could be.
+    """
+    dim = EmbeddingWriter.interrupted_dim(store_path(cfg)) if cfg.resume else None
+    if dim is None:
+        return None
+    writer = _writer(cfg, dim, nv, nc, meta, resume=True)
+    if writer.resumed:
+        left = sum(hi - lo for lo, hi in writer.pending())
+        log(f"resuming {writer.path}: {len(writer.resumed)}/{len(writer.shards)} shards already complete, "
+            f"{left} of {nv + nc} texts left")
+    if writer.resume_note:
+        log(f"resume: {writer.resume_note}")
+    return writer if writer.resumed else None
+
+
+def pending_ids(writer: EmbeddingWriter | None, nv: int, nc: int) -> list[tuple[int, int]]:
+    """Text-id ranges ``[first, end)`` to encode: all texts, or what a resumed writer still lacks."""
+    return writer.pending() if writer is not None else [(1, nv + nc + 1)]
+
+
+def positions_to_text_ids(pos: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Map positions ``0..N-1`` over the concatenated ``ranges`` (``[first, end)`` text ids) to text ids."""
+    pos = np.asarray(pos, dtype=np.int64)
+    first = np.array([lo for lo, _ in ranges], dtype=np.int64)
+    ends = np.cumsum([hi - lo for lo, hi in ranges])
+    which = np.searchsorted(ends, pos, side="right")
+    if len(pos) and (pos.min() < 0 or which.max() >= len(ranges)):
+        raise ValueError(f"position outside the {int(ends[-1]) if len(ends) else 0} pending texts")
+    starts = np.concatenate([[0], ends[:-1]])  # position of each range's first text
+    return first[which] + pos - starts[which]
+
+
+def _write_store(cfg, batches, nv: int, nc: int, meta: dict, writer: EmbeddingWriter | None = None, log=emit):
+    """Drain ``{"text_id", "vector"}`` batches into the store at ``run_dir/embeddings/<which>``, printing progress.
+
+    A fresh writer is opened on the first batch because the vector width (H or the projected text_dim) is only known
+    then; ``writer`` = a resumed one (``resume_writer``). Returns ``(manifest, seconds, writer)``.
     """
     t0 = time.perf_counter()
-    writer = None
+    todo = sum(hi - lo for lo, hi in pending_ids(writer, nv, nc))
+    prog = Progress(f"encode {cfg.which}", every_s=cfg.progress_every_s, log=log, unit="texts", total_samples=todo)
     for batch in batches:
         if writer is None:
-            writer = EmbeddingWriter(Path(cfg.run_dir) / "embeddings" / cfg.which, batch["vector"].shape[1], nv, nc,
-                                     cfg.shard_rows, meta,
-                                     standardize=cfg.which == "base" and cfg.llm.text_norm == "standardize")
+            writer = _writer(cfg, batch["vector"].shape[1], nv, nc, meta, resume=False)
         writer.write(batch["text_id"], batch["vector"])
+        prog.update(1, len(batch["text_id"]))
+    if writer is None:
+        raise EmbeddingError(f"{store_path(cfg)}: no texts were encoded")
     secs = time.perf_counter() - t0
     return writer.close(allow_degenerate=cfg.allow_degenerate), secs, writer
 
@@ -245,22 +297,26 @@ def _report_stats(manifest: dict, log) -> None:
         log(f"WARNING: {w}")
 
 
-def encode_texts_local(cfg, log=print) -> dict:
+def encode_texts_local(cfg, log=emit) -> dict:
     """Encode every text in this process (no Ray) into ``run_dir/embeddings/<which>``; returns the manifest."""
     if _store_source(cfg):
         return project_base_store(cfg, log)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
+    writer = resume_writer(cfg, nv, nc, meta, log)
+    ranges = pending_ids(writer, nv, nc)
     enc = TextEncoder(**kw)
-    batches = (enc({"id": np.arange(start, min(start + cfg.batch_size, nv + nc))})
-               for start in range(0, nv + nc, cfg.batch_size))
-    manifest, secs, _ = _write_store(cfg, batches, nv, nc, meta)
-    log(f"encoded {nv + nc} texts in {secs:.1f}s ({(nv + nc) / max(secs, 1e-9):.0f} texts/s), dim {manifest['dim']}")
+    batches = ({"text_id": ids, "vector": enc.encode_ids(ids)}
+               for lo, hi in ranges for start in range(lo, hi, cfg.batch_size)
+               for ids in [np.arange(start, min(start + cfg.batch_size, hi))])
+    manifest, secs, _ = _write_store(cfg, batches, nv, nc, meta, writer, log)
+    n = sum(hi - lo for lo, hi in ranges)
+    log(f"encoded {n} texts in {secs:.1f}s ({n / max(secs, 1e-9):.0f} texts/s), dim {manifest['dim']}")
     _report_stats(manifest, log)
     return {**manifest, "seconds": secs}
 
 
-def encode_texts(cfg, log=print) -> dict:
+def encode_texts(cfg, log=emit) -> dict:
     """Encode every title and comment with a Ray Data actor pool (Ray must be initialised by the caller).
 
     Args:
@@ -279,19 +335,24 @@ def encode_texts(cfg, log=print) -> dict:
         return project_base_store(cfg, log)
     kw, meta = _encoder_kwargs(cfg)
     nv, nc = _counts(kw["data_dir"])
+    writer = resume_writer(cfg, nv, nc, meta, log)
+    ranges = pending_ids(writer, nv, nc)
+    n = sum(hi - lo for lo, hi in ranges)
+    kw["ranges"] = ranges
     res = ray.cluster_resources()
     use_gpu = res.get("GPU", 0) >= 1
     # CPU actors hold at most (CPUs - 1) together: the range/read tasks feeding them need a CPU too, or the pool
     # deadlocks on a small box (2 actors x 1 CPU on 2 cores never schedule a read task).
     cpus = 1.0 if use_gpu else max(0.1, min(1.0, (res.get("CPU", 1) - 1) / cfg.num_actors))
-    n_blocks = max(1, min(-(-(nv + nc) // cfg.batch_size), 4 * cfg.num_actors))
-    ds = ray.data.range(nv + nc, override_num_blocks=n_blocks).map_batches(
+    n_blocks = max(1, min(-(-n // cfg.batch_size), 4 * cfg.num_actors))
+    ds = ray.data.range(n, override_num_blocks=n_blocks).map_batches(
         TextEncoder, fn_constructor_kwargs=kw, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_gpus=1 if use_gpu else 0, num_cpus=cpus,
     )
-    manifest, secs, writer = _write_store(cfg, ds.iter_batches(batch_size=None, batch_format="numpy"), nv, nc, meta)
-    rate = (nv + nc) / max(secs, 1e-9)
-    log(f"encoded {nv + nc} texts ({cfg.which}, dim {manifest['dim']}) with {cfg.num_actors} actor(s) "
+    manifest, secs, writer = _write_store(cfg, ds.iter_batches(batch_size=None, batch_format="numpy"), nv, nc, meta,
+                                          writer, log)
+    rate = n / max(secs, 1e-9)
+    log(f"encoded {n} texts ({cfg.which}, dim {manifest['dim']}) with {cfg.num_actors} actor(s) "
         f"{'on GPU' if use_gpu else 'on CPU'} in {secs:.1f}s ({rate:.0f} texts/s) -> {writer.path}")
     _report_stats(manifest, log)
     return {**manifest, "seconds": secs, "texts_per_s": rate}

@@ -30,6 +30,7 @@ from lsvcr_dist.config import FinetuneStageConfig, SRConfig, dump_yaml
 from lsvcr_dist.embeddings import EmbeddingStore, resolve_store, store_ref
 from lsvcr_dist.models.builders import build_sr_model, sr_config_kwargs
 from lsvcr_dist.models.finetune_model import FinetuneModel, prepare_aligned_state
+from lsvcr_dist.models.text_rows import TextRows
 
 BEST_FILES = ("model.safetensors", "model_args.json", "config.yaml", "meta.json", "COMPLETE")
 
@@ -46,11 +47,16 @@ def store_dir(run_dir: str | Path, init: str) -> Path:
     return Path(run_dir) / "embeddings" / ("aligned" if init == "align" else "base")
 
 
-def load_text_table(path: str | Path) -> torch.Tensor:
-    """The whole store as a float32 ``[1 + V + C, Din]`` tensor (row 0 zeros)."""
+def load_text_table(path: str | Path, verify: str | None = None) -> EmbeddingStore:
+    """The text-vector store opened memory-mapped (fp16 shards; rows are read per batch by ``TextRows``).
+
+    Nothing is copied into this process: every worker on a node reads the same page cache, so a worker's memory
+    stays flat in the number of texts. ``verify``: ``EmbeddingStore.open`` mode (default ``$LSVCR_STORE_VERIFY``
+    or ``full``).
+    """
     if not (Path(path) / "manifest.json").is_file():
         raise FinetuneSetupError(f"{path}: embedding store missing (run jobs/encode_text.py)")
-    return EmbeddingStore.open(str(path)).as_tensor().float()
+    return EmbeddingStore.open(str(path), verify=verify)
 
 
 def sr_build_args(sr_cfg: SRConfig, *, text_in_dim: int, use_text_mlp: bool, num_videos: int) -> dict:
@@ -69,7 +75,7 @@ def aligned_trained_positions(align_final: Path, la: int) -> int | None:
     return None if acfg.get("rand_pos", True) else int(la)
 
 
-def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int, text_table: torch.Tensor,
+def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int, text_table,
                          align_final: str | Path | None = None, la: int = 20, generator: torch.Generator | None = None,
                          ) -> tuple[FinetuneModel, dict]:
     """The task's FinetuneModel, initialised from the aligned SR weights (``init=align``) or at random (``scratch``).
@@ -78,7 +84,8 @@ def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int
         cfg: ``FinetuneStageConfig``.
         task: ``video`` or ``comment``.
         num_videos: V (ID-embedding rows unless ``cfg.use_id`` is False).
-        text_table: ``[1 + V + C, Din]`` text vectors (aligned store: Din = sr.text_dim, projected).
+        text_table: the text vectors: an open ``EmbeddingStore`` (``load_text_table``), a ``[1 + V + C, Din]``
+            tensor or a ``TextRows`` (aligned store: Din = sr.text_dim, projected).
         align_final: folder holding ``sr.safetensors`` (+ ``config.yaml``) for ``init=align``.
         la: alignment history length (rows trained without randomized positions).
         generator: RNG of the 'random' position extension.
@@ -90,7 +97,7 @@ def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int
         FinetuneSetupError: missing aligned weights or a store of the wrong width.
         CheckpointShapeError: aligned weights of another shape (names the tensor and both shapes).
     """
-    din = int(text_table.shape[1])
+    din = TextRows(text_table, num_videos).dim
     if cfg.model != "lsvcr":  # baselines start from scratch on the base store
         from lsvcr_dist.models.baselines import baseline_args, build_baseline
 
@@ -146,7 +153,7 @@ def _run_of(best_dir: str | Path) -> Path:
     return Path(os.path.abspath(best_dir)).parents[2]
 
 
-def build_from_args(args: dict, text_table: torch.Tensor) -> nn.Module:
+def build_from_args(args: dict, text_table) -> nn.Module:
     """Rebuild a (not yet loaded) scorer from ``model_args.json`` content: LSVCR or a baseline."""
     kind = args.get("kind", "lsvcr")
     if kind == "lsvcr":
@@ -156,12 +163,13 @@ def build_from_args(args: dict, text_table: torch.Tensor) -> nn.Module:
     return build_baseline(kind, args, text_table)
 
 
-def load_finetuned(best_dir: str | Path, text_table: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+def load_finetuned(best_dir: str | Path, text_table=None) -> tuple[nn.Module, dict]:
     """Load a fine-tuned model from its ``best/`` folder (safetensors only, never pickles).
 
     Args:
         best_dir: ``run_dir/finetune/<task>/best``.
-        text_table: text vectors; None = open the store recorded in ``model_args.json``.
+        text_table: text vectors (store, tensor or ``TextRows``); None = open the store recorded in
+            ``model_args.json`` (memory-mapped).
 
     Returns:
         ``(model in eval mode, model_args)``.

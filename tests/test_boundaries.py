@@ -116,7 +116,8 @@ def test_checker_catches_entry_points(src, hit):
 ROOT = PKG.parent
 LAYERS = (
     ("foundation", ("__init__.py", "schema.py", "config_blocks.py", "config.py", "losses.py", "metrics.py",
-                    "flops.py", "embeddings.py", "plots.py", "checksums.py")),
+                    "flops.py", "embeddings.py", "plots.py", "checksums.py", "store_progress.py", "store_stats.py",
+                    "progress.py")),
     ("models", ("models/",)),
     ("data", ("data/", "finetuned.py", "raw_source.py")),
     ("stage libraries", ("encode.py", "evaluate.py", "serve.py")),

@@ -43,7 +43,7 @@ def _with_ids_and_text_twin(run, task):
     twin_sr = build_sr_model(**{**args, "num_videos": 0})
     missing, unexpected = twin_sr.load_state_dict(model.sr.state_dict(), strict=False)
     assert missing == [] and sorted(unexpected) == ["gate", "id_embedding.weight"]
-    twin = FinetuneModel(twin_sr, model.text_table, F.V, task, model.tau)
+    twin = FinetuneModel(twin_sr, model.text, F.V, task, model.tau)
     return model.eval(), twin.eval()
 
 

@@ -45,7 +45,7 @@ def test_exported_scores_equal_pytorch(tmp_path, task, kind, recency):
         assert torch.allclose(s, torch.nn.functional.normalize(ref_s, dim=-1), atol=1e-5)
         if task == "video":
             cand = batch["cand_videos"]
-            enc = scorer.encode_videos(model.text_table[cand.flatten()], cand.flatten()).view(*cand.shape, -1)
+            enc = scorer.encode_videos(model.text(cand.flatten()), cand.flatten()).view(*cand.shape, -1)
             ref = model.video_scores(ref_s, cand)
         else:
             cand = batch["cand_comments"]

@@ -159,7 +159,7 @@ def test_moved_run_reads_its_own_store(served, tmp_path_factory):
     shutil.rmtree(run / "embeddings")  # the original store is gone: only the moved run's own copy can be read
     assert Recommender.load(moved).top_k_videos([3, 4], [(3, [13])], k=5) == expected
     model, _ = load_finetuned(moved / "finetune" / "video" / "best")
-    assert torch.equal(model.text_table, models["video"].text_table)
+    assert torch.equal(model.text.all(), models["video"].text.all())
     table = evaluate_run(EvalConfig(run_dir=str(moved)))
     assert table["video"]["n"] == 12
 

@@ -177,7 +177,7 @@ def baseline_args(kind: str, sr_cfg, *, text_in_dim: int, num_videos: int) -> di
     raise ValueError(f"unknown baseline {kind!r} (known: {', '.join(KINDS)})")
 
 
-def build_baseline(kind: str, args: dict, text_table: torch.Tensor) -> FinetuneModel:
+def build_baseline(kind: str, args: dict, text_table) -> FinetuneModel:
     """A baseline inside the fine-tune wrapper; ``args`` = ``model_args.json`` content (``sr`` = constructor kwargs)."""
     net = SASRec(**args["sr"]) if kind == "sasrec" else DSSM(**args["sr"]) if kind == "dssm" else None
     if net is None:

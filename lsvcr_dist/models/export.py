@@ -84,7 +84,7 @@ def export_scorer(model: FinetuneModel, batch: dict[str, torch.Tensor], out_dir:
     scorer = SRScorer(model.sr, model.task_id).eval()
     inputs = example_inputs(model, batch)
     ids = batch["video_hist"][:, 0].clamp(min=1)
-    title = model.text_table[ids]
+    title = model.text(ids)
     # Only the task's candidate tower: serving scores videos with the video export and comments with the comment
     # export, and a one-task baseline (SASRec: videos only) has no other tower to trace.
     tower = {"encode_videos": (title, ids)} if model.task == "video" else {"encode_comments": (title,)}
@@ -93,7 +93,7 @@ def export_scorer(model: FinetuneModel, batch: dict[str, torch.Tensor], out_dir:
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "scorer.pt"))
     info = {"task": model.task, "tau": model.tau, "num_videos": model.num_videos,
-            "text_dim": int(model.text_table.shape[1]), **(meta or {})}
+            "text_dim": int(model.text.dim), **(meta or {})}
     (out / "export.json").write_text(json.dumps(info, indent=1))
     return out / "scorer.pt"
 

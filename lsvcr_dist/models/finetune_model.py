@@ -1,9 +1,10 @@
 """Fine-tune wrapper (Section 3.4): the SR model plus a frozen text-vector table, no LLM anywhere.
 
 ``FinetuneModel`` turns a ``schema.FINETUNE_BATCH`` of ids into the SR model's keyword arguments by looking text
-vectors up in a frozen table (the aligned embedding store, or the base store for 'w/o Alignment'), held as a
-NON-persistent buffer so checkpoints carry only the SR weights. Scores are cosine similarities divided by tau, as the
-public code's ``FinetuneRecComModel``: videos are encoded with ID + title (Eq. 18), comments by text only.
+vectors up in a frozen table (the aligned embedding store, or the base store for 'w/o Alignment'), read row by row
+from the memory-mapped store (``text_rows.TextRows``), never a parameter or buffer, so checkpoints carry only the SR
+weights and a worker's memory does not grow with the number of texts. Scores are cosine similarities divided by tau,
+as the public code's ``FinetuneRecComModel``: videos are encoded with ID + title (Eq. 18), comments by text only.
 
 Also here: loading the aligned SR weights with a clear error on any shape mismatch (``load_aligned_state``), and
 the position-table extension from the alignment length to the fine-tune length (3.1.2 / Table 4 'w/o RandPosi').
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsvcr_dist.models.text_rows import TextRows
 from lsvcr_dist.schema import TASK_COMMENT, TASK_VIDEO
 
 NEG_INF = -1e9
@@ -55,29 +57,25 @@ class CheckpointShapeError(ValueError):
     """A checkpoint does not fit the model it is loaded into; the message names the tensor and both shapes."""
 
 
-def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of ``table`` ``[T, D]`` for integer ``ids`` of any shape -> ``[*ids.shape, D]``."""
-    return F.embedding(ids, table)
-
-
 class FinetuneModel(nn.Module):
     """One task's fine-tune model: SR model + frozen text table + cosine scoring.
 
     Args:
         sr: the SR model (``SRModel``; exposes ``forward``, ``encode_videos``, ``encode_comments``).
-        text_table: ``[1 + V + C, Din]`` float text vectors in text-id order (row 0 zeros).
+        text_table: the text vectors in text-id order (row 0 zeros): an open ``EmbeddingStore`` (memory-mapped,
+            rows read per batch), a ``[1 + V + C, Din]`` float tensor, or a ``TextRows``; kept as ``self.text``.
         num_videos: V (comment c has text id ``V + c``).
         task: ``"video"`` or ``"comment"``.
         tau: temperature dividing the cosine scores.
     """
 
-    def __init__(self, sr: nn.Module, text_table: torch.Tensor, num_videos: int, task: str, tau: float = 0.07):
+    def __init__(self, sr: nn.Module, text_table, num_videos: int, task: str, tau: float = 0.07):
         super().__init__()
         if task not in ("video", "comment"):
             raise ValueError(f"task must be 'video' or 'comment', got {task!r}")
         self.sr = sr
-        self.register_buffer("text_table", text_table.float(), persistent=False)
         self.num_videos = int(num_videos)
+        self.text = TextRows(text_table, self.num_videos)
         self.task = task
         self.task_id = TASK_VIDEO if task == "video" else TASK_COMMENT
         self.tau = float(tau)
@@ -85,7 +83,7 @@ class FinetuneModel(nn.Module):
     # ------------------------------------------------------------------ inputs
     def _comment_text(self, comment_ids: torch.Tensor) -> torch.Tensor:
         text_ids = torch.where(comment_ids > 0, comment_ids + self.num_videos, torch.zeros_like(comment_ids))
-        return _lookup(self.text_table, text_ids)
+        return self.text(text_ids)
 
     def sr_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """SR-model keyword arguments of a FINETUNE_BATCH: ids -> text vectors ``[B, L, Din]`` etc."""
@@ -94,13 +92,13 @@ class FinetuneModel(nn.Module):
         task = torch.full_like(vh[:, 0], self.task_id)
         return dict(
             video_hist=vh,
-            video_title_emb=_lookup(self.text_table, vh),
+            video_title_emb=self.text(vh),
             video_comment_emb=self._comment_text(batch["video_hist_comment"]),
             comment_hist_video=ch,
-            comment_title_emb=_lookup(self.text_table, ch),
+            comment_title_emb=self.text(ch),
             comment_hist_comments=batch["comment_hist_comments"],
             comment_emb=self._comment_text(batch["comment_hist_comments"]),
-            current_title_emb=_lookup(self.text_table, cur),
+            current_title_emb=self.text(cur),
             task=task,
             current_video=cur,
             video_hist_comment=batch["video_hist_comment"],
@@ -130,8 +128,9 @@ class FinetuneModel(nn.Module):
 
     def all_videos(self) -> torch.Tensor:
         """Encodings of every video id ``[V + 1, d]`` (row 0 = padding, masked in scoring): adapter(title) + gate*E_id."""
-        ids = torch.arange(self.num_videos + 1, device=self.text_table.device)
-        return self.sr.encode_videos(self.text_table[: self.num_videos + 1], ids)
+        device = next(self.sr.parameters()).device
+        ids = torch.arange(self.num_videos + 1, device=device)
+        return self.sr.encode_videos(self.text.videos(device), ids)
 
     def video_scores(self, s: torch.Tensor, cand: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine/tau scores of videos: all videos ``[B, V + 1]`` (column 0 = -inf) or candidates ``cand [B, N]``."""
@@ -140,7 +139,7 @@ class FinetuneModel(nn.Module):
             out = s @ F.normalize(self.all_videos(), dim=-1).T / self.tau
             out[:, 0] = NEG_INF
             return out
-        enc = F.normalize(self.sr.encode_videos(_lookup(self.text_table, cand), cand), dim=-1)  # [B, N, d]
+        enc = F.normalize(self.sr.encode_videos(self.text(cand), cand), dim=-1)  # [B, N, d]
         out = torch.einsum("bd,bnd->bn", s, enc) / self.tau
         return out.masked_fill(cand == 0, NEG_INF)
 

@@ -27,6 +27,7 @@ from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
 from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best, store_dir
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
+from lsvcr_dist.progress import Progress, emit
 from lsvcr_dist.train.distributed import all_reduce_mean, broadcast_flag, rank, world_size
 from lsvcr_dist.train.engine import make_adamw
 
@@ -103,6 +104,10 @@ def train_step(ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: str, 
     return metrics
 
 
+def _quiet(_line: str) -> None:
+    """Progress sink of the ranks that do not print."""
+
+
 def _log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -155,7 +160,10 @@ def setup(config: dict) -> FinetuneWorker:
         cfg, task, num_videos=int(man["num_videos"]), text_table=load_text_table(store),
         align_final=run_dir / "align" / "final", la=dims_of(man)["LA"],
         generator=torch.Generator().manual_seed(cfg.seed))
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    # The LSVCR model uses every parameter in both tasks (tested), so DDP skips the per-step search of the autograd
+    # graph for unused ones; a baseline may leave a tower unused (DSSM's comment tower in the video task).
+    ddp = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model != "lsvcr"})
     params = [p for p in ddp.parameters() if p.requires_grad]  # prepare_model wraps `model` without copying them
     opt = make_adamw(params, cfg.optim, "cuda" if torch.cuda.is_available() else "cpu")
     task_loss = VRTLoss(cfg.loss.tau) if task == "video" else CommentRankLoss(cfg.loss.tau)
@@ -181,6 +189,32 @@ def validate(w: FinetuneWorker, epoch: int, train_metrics: dict) -> bool:
     return improved
 
 
+def train_epoch(w: FinetuneWorker, batches, epoch: int, epoch_steps: int, global_batch: int) -> dict:
+    """Train one epoch on this worker's ``batches``; returns the loss means over the workers plus ``steps``,
+    ``train_s``, ``first_step_s`` (the first step waits for the epoch's data pipeline to start), ``samples_per_s``
+    and ``steady_samples_per_s`` (without the first step). Rank 0 prints progress at most every
+    ``finetune.progress_every_s`` seconds: the workers step together (DDP), so its rate is the stage's."""
+    cfg = w.cfg
+    w.ddp.train()
+    sums, steps = {}, 0
+    prog = Progress(f"finetune {w.task} epoch {epoch}", epoch_steps, cfg.progress_every_s,
+                    log=emit if rank() == 0 else _quiet)
+    for batch in batches:
+        m = train_step(w.ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+        prog.update(1, global_batch)
+    train_s = prog.done()
+    first = prog.first_s or 0.0
+    out = {k: _mean_across(v / max(steps, 1)) for k, v in sums.items()}
+    out.update(steps=steps, train_s=round(train_s, 3), first_step_s=round(first, 3),
+               samples_per_s=round(steps * global_batch / max(train_s, 1e-9), 2),
+               steady_samples_per_s=round((steps - 1) * global_batch / max(train_s - first, 1e-9), 2)
+               if steps > 1 else None)
+    return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry: reads only ``config`` = ``{"cfg": to_dict(FinetuneStageConfig), "task": str}``.
 
@@ -196,20 +230,16 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     data_dir = Path(cfg.run_dir) / "data"
     transform = FinetuneTransform(str(data_dir), train=True, seed=cfg.seed)
-    dims = dims_of(read_manifest(data_dir))
+    man = read_manifest(data_dir)
+    dims = dims_of(man)
+    # streaming_split(equal=True) gives every worker floor(rows / W) rows; drop_last keeps whole batches
+    epoch_steps = int(man.get("splits", {}).get("train", {}).get(w.task, 0)) // world_size() // per_worker
     if rank() == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(w, 0, {"loss": None})
     for epoch in range(1, cfg.max_epochs + 1):
-        ddp.train()
-        sums, steps = {}, 0
-        for batch in epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims):
-            m = train_step(ddp, batch, w.task, w.task_loss, w.ft_loss, w.opt, w.gen, cfg.optim.grad_clip)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        train_metrics = {k: _mean_across(v / max(steps, 1)) for k, v in sums.items()}
-        train_metrics["steps"] = steps
+        train_metrics = train_epoch(w, epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims),
+                                    epoch, epoch_steps, per_worker * world_size())
         stop = False
         if rank() == 0:
             ddp.eval()

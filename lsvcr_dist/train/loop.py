@@ -124,8 +124,10 @@ def setup(config: dict) -> tuple[Worker, Position]:
     text_table = None
     if cfg.text_source == "store":
         from lsvcr_dist.embeddings import EmbeddingStore
+        from lsvcr_dist.models.text_rows import TextRows
 
-        text_table = EmbeddingStore.open(Path(cfg.run_dir) / "embeddings" / "base").as_tensor().float()
+        # memory-mapped: rows are read per batch, never a per-worker float32 copy of the whole store
+        text_table = TextRows(EmbeddingStore.open(Path(cfg.run_dir) / "embeddings" / "base"), nv)
     tok, model = build_align_model(cfg, nv, text_table, base_text_norm(cfg))
     encode = None
     if cfg.text_source == "online":

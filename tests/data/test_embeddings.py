@@ -180,3 +180,26 @@ def test_nan_vector_in_a_store_named_at_open(tmp_path, monkeypatch, block):
     np.save(shard, arr)
     with pytest.raises(EmbeddingError, match=rf"{shard}: non-finite vector for text id 3"):
         EmbeddingStore.open(tmp_path / "s")
+
+
+def test_resumed_writer_keeps_only_intact_completed_shards(tmp_path):
+    """Shards of 4 rows: ids 1-3 complete shard 0, ids 4-7 shard 1; a changed shard file is not trusted."""
+    vec = np.random.default_rng(0).standard_normal((11, 3)).astype(np.float32)  # row i = text id i
+    w = EmbeddingWriter(tmp_path / "s", 3, 2, 8, shard_rows=4)
+    w.write(np.arange(1, 8), vec[1:8])
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.done")) == ["shard-00000.done", "shard-00001.done"]
+    del w
+    again = EmbeddingWriter(tmp_path / "s", 3, 2, 8, shard_rows=4, resume=True)
+    assert again.resumed == [0, 1] and again.pending() == [(8, 11)]
+    del again
+    with open(tmp_path / "s" / "shard-00001.npy", "r+b") as f:  # corrupt a completed shard
+        f.seek(-2, 2)
+        f.write(b"\x00\x7c")
+    third = EmbeddingWriter(tmp_path / "s", 3, 2, 8, shard_rows=4, resume=True)
+    assert third.resumed == [0] and third.pending() == [(4, 11)] and "shard-00001.npy: sha256" in third.resume_note
+    assert not (tmp_path / "s" / "shard-00001.done").exists()  # the stale record is gone with the rewrite
+    third.write(np.arange(4, 11), vec[4:11])
+    third.close()
+    np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").lookup(np.arange(11)), np.vstack(
+        [np.zeros((1, 3), np.float32), vec[1:].astype(np.float16).astype(np.float32)]))
+    assert not list((tmp_path / "s").glob("*.done")) and not (tmp_path / "s" / "progress.json").exists()

@@ -179,3 +179,79 @@ def test_encode_job_on_ray_matches_local(ray_local, run_dir, capsys):
     np.testing.assert_array_equal(ray_store.as_tensor().numpy(), local.as_tensor().numpy())
     assert encode_text.main(argv[:3] + ["which=aligned"]) == 1  # no aligned checkpoint: one clear error line
     assert "run jobs/align.py first" in capsys.readouterr().err
+
+
+def _store_bytes(store: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(store.iterdir()) if f.is_file()}
+
+
+def test_killed_encode_resumes_by_shard_to_the_same_bytes(tmp_path, monkeypatch):
+    """Shards of 7 rows, batches of 5 texts: a fault in the 3rd batch leaves shard 0 (ids 1-6) complete; the rerun
+    encodes only ids 7-18 and the store (shards, standardisation, manifest) equals an uninterrupted run's."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        make_data_dir(root)
+    encode_texts_local(_cfg(whole), log=lambda *_: None)
+    seen: list[int] = []
+    real = TextEncoder.encode_ids
+
+    def encode_then_fail(self, ids):
+        if len(seen) >= 10:  # the 3rd batch: as if the process were killed
+            raise KeyboardInterrupt("injected")
+        seen.extend(int(i) for i in ids)
+        return real(self, ids)
+
+    monkeypatch.setattr(TextEncoder, "encode_ids", encode_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        encode_texts_local(_cfg(killed), log=lambda *_: None)
+    store = killed / "embeddings" / "base"
+    assert sorted(p.name for p in store.glob("*.done")) == ["shard-00000.done"]
+    assert not (store / "manifest.json").exists()
+    shard0 = (store / "shard-00000.npy").read_bytes()
+    seen.clear()
+    monkeypatch.setattr(TextEncoder, "encode_ids",
+                        lambda self, ids: seen.extend(int(i) for i in ids) or real(self, ids))
+    lines: list[str] = []
+    encode_texts_local(_cfg(killed), log=lines.append)
+    assert seen == list(range(7, NV + NC + 1))  # ids 1-6 (shard 0) were not encoded again
+    assert any("1/3 shards already complete, 12 of 18 texts left" in x for x in lines)
+    got, want = _store_bytes(store), _store_bytes(whole / "embeddings" / "base")
+    assert got.keys() == want.keys() and "progress.json" not in got and got == want
+    assert shard0 != got["shard-00000.npy"]  # kept raw, standardised at close with statistics over every row
+    seen.clear()  # resume=false (or a finished store) encodes everything again
+    encode_texts_local(_cfg(killed, resume=False), log=lambda *_: None)
+    assert seen == list(range(1, NV + NC + 1)) and _store_bytes(store) == want
+
+
+def test_resume_with_other_settings_starts_over(tmp_path, monkeypatch):
+    make_data_dir(tmp_path)
+    real = TextEncoder.encode_ids
+    calls = []
+
+    def fail_second(self, ids):
+        calls.append(ids)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("injected")
+        return real(self, ids)
+
+    monkeypatch.setattr(TextEncoder, "encode_ids", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        encode_texts_local(_cfg(tmp_path), log=lambda *_: None)
+    monkeypatch.setattr(TextEncoder, "encode_ids", real)
+    lines: list[str] = []
+    other = _cfg(tmp_path)
+    other.seed = 8  # another backbone: nothing of the interrupted write may be kept
+    encode_texts_local(other, log=lines.append)
+    assert any("the interrupted write had other settings (meta)" in x for x in lines)
+    assert not any("already complete" in x for x in lines)
+
+
+def test_ray_row_numbers_map_onto_the_pending_text_ids():
+    """A resumed Ray encode enumerates only the texts left: row numbers 0..N-1 over the pending ranges."""
+    from lsvcr_dist.encode import positions_to_text_ids
+
+    ranges = [(7, 14), (21, 23)]
+    assert positions_to_text_ids(np.arange(9), ranges).tolist() == [7, 8, 9, 10, 11, 12, 13, 21, 22]
+    assert positions_to_text_ids(np.array([8, 0]), ranges).tolist() == [22, 7]
+    with pytest.raises(ValueError, match="outside the 9 pending texts"):
+        positions_to_text_ids(np.array([9]), ranges)

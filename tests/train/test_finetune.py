@@ -201,7 +201,7 @@ def test_save_and_load_best_gives_identical_scores(run):
         with torch.no_grad():
             model.sr.gate.fill_(0.5)  # a changed weight must round-trip
         best = save_best(run / "finetune" / task / "best", model, cfg, args, {"epoch": 1}, None, "unused")
-        loaded, largs = load_finetuned(best, text_table=model.text_table)
+        loaded, largs = load_finetuned(best, text_table=model.text)
         assert largs["task"] == task and float(loaded.sr.gate.detach()) == 0.5
         model.eval()
         batch = next(iter_split(run / "data", "val", task, 12))
@@ -213,7 +213,7 @@ def test_save_and_load_best_gives_identical_scores(run):
         assert m1 == m2 and m1["n"] == 12
     (best / "COMPLETE").unlink()
     with pytest.raises(FinetuneSetupError, match="COMPLETE marker missing"):
-        load_finetuned(best, text_table=model.text_table)
+        load_finetuned(best, text_table=model.text)
 
 
 @pytest.mark.parametrize("kind,task", [("sasrec", "video"), ("dssm", "comment")])
@@ -230,7 +230,7 @@ def test_baselines_learn_and_round_trip(run, kind, task):
     losses = [train_step(model, batch, task, tl, fl, opt, gen) for _ in range(25)]
     assert losses[-1]["loss"] < 0.6 * losses[0]["loss"] and losses[-1]["loss_reg"] == 0.0  # no ID-text pairs
     best = save_best(run / "b" / kind, model, cfg, args, {"epoch": 1}, None, "unused", kind=kind)
-    loaded, largs = load_finetuned(best, text_table=model.text_table)
+    loaded, largs = load_finetuned(best, text_table=model.text)
     assert largs["kind"] == kind
     model.eval()
     vb = next(iter_split(run / "data", "val", task, 12))
