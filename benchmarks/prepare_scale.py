@@ -72,6 +72,7 @@ def run_ray(cfg) -> dict:
 
     log = _Stages()
     init_ray()
+    log("[prepare] ray started")
     manifest = prepare(cfg, log=log)
     return {"marks": log.marks, "wall_s": time.perf_counter() - log.t0, "splits": manifest["splits"]}
 
@@ -141,7 +142,8 @@ def run_child(mode: str, config: str, overrides: list[str], log: Path, timeout_s
     """Run one child, sampling its tree's RSS every 0.2 s; returns its RESULT plus peak RSS in GB."""
     import psutil
 
-    env = {**os.environ, **DEFAULT_ENV, "PYTHONPATH": str(ROOT)}
+    # a loaded shared machine can take over a minute to register the raylet (Ray's default wait is 60 s)
+    env = {"RAY_raylet_start_wait_time_s": "180", **os.environ, **DEFAULT_ENV, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--config", config, *overrides]
     peak = [0, 0, 0]
     t0 = time.perf_counter()
@@ -170,7 +172,7 @@ def _digest(root: Path) -> dict[str, str]:
 
 def _stage_times(marks: list) -> dict[str, float]:
     """Durations between consecutive ``prepare`` log marks, named by what finished."""
-    names = {"raw validated": "validate_s", "tables written": "tables_s", "instances planned": "plan_s",
+    names = {"ray started": "ray_start_s", "raw validated": "validate_s", "tables written": "tables_s", "instances planned": "plan_s",
              "shards written": "rows_and_shards_s", "validated": "validate_s", "tables": "tables_s",
              "planned": "plan_s", "shards": "rows_and_shards_s"}
     out, last = {}, 0.0
