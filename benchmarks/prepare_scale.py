@@ -248,19 +248,36 @@ def _comment_video(raw_dir: Path, stats: dict):
     return cv
 
 
-def run_fraction(config: str, fraction: float, work: Path, extra: list[str], timeout_s: float) -> dict:
+def _reusable_raw(run_dir: Path, gcfg) -> dict | None:
+    """The counts of ``run_dir/raw`` if a complete generation with this config's seed and sizes wrote it."""
+    rec = run_dir / "raw" / "generated.json"
+    if not rec.exists():
+        return None
+    meta = json.loads(rec.read_text())
+    same = meta.get("complete") and meta.get("seed") == gcfg.seed and all(meta.get(k) == getattr(gcfg, k)
+                                                                          for k in SCALED)
+    return {k: meta[k] for k in SCALED} if same else None
+
+
+def run_fraction(config: str, fraction: float, work: Path, extra: list[str], timeout_s: float,
+                 reuse_raw: bool = False, with_baseline: bool = True) -> dict:
     from lsvcr_dist.config import load_config
     from lsvcr_dist.data.generate import generate_logs
 
     run_dir = work / f"f{fraction:g}"
-    shutil.rmtree(run_dir, ignore_errors=True)
     ov = [f"run_dir={run_dir}", *scaled_overrides(config, fraction), *extra]
+    gcfg = load_config(config, "generate", ov)
     t0 = time.perf_counter()
-    counts = generate_logs(load_config(config, "generate", ov))
-    gen_s = time.perf_counter() - t0
-    print(f"[bench] f={fraction:g}: generated in {gen_s:.1f}s: {counts}", flush=True)
-    base = run_child("baseline", config, ov, run_dir / "baseline.log", timeout_s)
-    print(f"[bench] f={fraction:g}: baseline {base['wall_s']:.1f}s", flush=True)
+    counts, gen_s = _reusable_raw(run_dir, gcfg) if reuse_raw else None, None
+    if counts is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        counts = generate_logs(gcfg)
+        gen_s = time.perf_counter() - t0
+    print(f"[bench] f={fraction:g}: generated in {gen_s}s (None: reused): {counts}", flush=True)
+    base = None
+    if with_baseline:
+        base = run_child("baseline", config, ov, run_dir / "baseline.log", timeout_s)
+        print(f"[bench] f={fraction:g}: baseline {base['wall_s']:.1f}s", flush=True)
     try:
         ray_res = run_child("ray", config, ov, run_dir / "ray.log", timeout_s)
     except RuntimeError as e:  # a loaded machine can time out Ray's own start-up: one retry, recorded
@@ -272,19 +289,19 @@ def run_fraction(config: str, fraction: float, work: Path, extra: list[str], tim
     rows = sum(sum(s.values()) for s in ray_res["splits"].values())
     events = counts["num_video_inter"] + counts["num_comment_inter"]
     entry = {"fraction": fraction, "rows": rows, "events": events, "comments": counts["num_comments"],
-             "wall_s": round(ray_res["wall_s"], 2), "baseline_wall_s": round(base["wall_s"], 2),
-             "ratio_ray_to_baseline": round(ray_res["wall_s"] / base["wall_s"], 2),
+             "wall_s": round(ray_res["wall_s"], 2), "baseline_wall_s": base and round(base["wall_s"], 2),
+             "ratio_ray_to_baseline": base and round(ray_res["wall_s"] / base["wall_s"], 2),
              "peak_rss_gb": round(ray_res["tree_peak_rss_gb"], 3),
              "driver_peak_rss_gb": round(ray_res["driver_peak_rss_gb"], 3),
              "worker_peak_rss_gb": round(ray_res["worker_peak_rss_gb"], 3),
-             "baseline_peak_rss_gb": round(base["driver_peak_rss_gb"], 3),
-             "process_wall_s": round(ray_res["process_wall_s"], 2), "generate_wall_s": round(gen_s, 2),
-             "stages_s": _stage_times(ray_res["marks"]), "baseline_stages_s": _stage_times(base["marks"]),
-             "baseline_build_rows_s": round(base["build_rows_s"], 2), "ray_retried": ray_res.get("retried", False)}
+             "baseline_peak_rss_gb": base and round(base["driver_peak_rss_gb"], 3),
+             "process_wall_s": round(ray_res["process_wall_s"], 2), "generate_wall_s": gen_s and round(gen_s, 2),
+             "stages_s": _stage_times(ray_res["marks"]), "baseline_stages_s": base and _stage_times(base["marks"]),
+             "baseline_build_rows_s": base and round(base["build_rows_s"], 2), "ray_retried": ray_res.get("retried", False)}
     entry["rows_per_s"] = {k.removesuffix("_s"): round((counts["num_comments"] if k == "tables_s" else
                                                          events if k in ("validate_s", "plan_s") else rows) / v)
                            for k, v in entry["stages_s"].items() if v > 0}
-    entry["equal_to_baseline"] = _digest(run_dir / "data") == _digest(run_dir / "baseline")
+    entry["equal_to_baseline"] = base and _digest(run_dir / "data") == _digest(run_dir / "baseline")
     entry["equal_to_reference"], entry["reference_wall_s"] = None, None
     if events <= REFERENCE_MAX_EVENTS:
         eq, secs = reference_check(run_dir, config, ov)
@@ -312,6 +329,7 @@ def plot(entries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [e["rows"] for e in entries]
+    entries = [{k: (float("nan") if v is None else v) for k, v in e.items()} for e in entries]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     ax1.loglog(rows, [e["wall_s"] for e in entries], "o-", label="Ray Data prepare")
     ax1.loglog(rows, [e["baseline_wall_s"] for e in entries], "s--", label="1-process pyarrow baseline")
@@ -339,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where runs go (default: a temp dir, removed unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the generated runs")
     p.add_argument("--timeout-s", type=float, default=7200, help="per prepare run")
+    p.add_argument("--reuse-raw", action="store_true", help="keep WORKDIR/f<fraction>/raw when a complete "
+                   "generation with the same seed and sizes wrote it (saves the generation time)")
+    p.add_argument("--no-baseline", action="store_true", help="Ray preparation only (baseline keys are null)")
     p.add_argument("--child", choices=["ray", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. prepare.shard_rows=20000")
     args = p.parse_args(argv)
@@ -351,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = []
     try:
         for f in [float(x) for x in args.fractions.split(",")]:
-            entries.append(run_fraction(args.config, f, work, args.overrides, args.timeout_s))
+            entries.append(run_fraction(args.config, f, work, args.overrides, args.timeout_s, args.reuse_raw,
+                                        not args.no_baseline))
             print(json.dumps(entries[-1]), flush=True)
     finally:
         if not args.keep and not args.workdir:
