@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log = Path(args.log or Path(args.out).with_suffix(".log"))
     cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), *[a for a in args.pipeline_args if a != "--"]]
-    env = {"RAY_raylet_start_wait_time_s": "180", **os.environ}
+    env = dict(os.environ)
     stages: dict[str, dict] = {}
     current = None
     t0 = time.time()
