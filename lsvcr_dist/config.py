@@ -117,7 +117,7 @@ class PrepareConfig:
     formats: list[Literal["parquet", "webdataset"]] = field(default_factory=lambda: ["parquet", "webdataset"])
     """Output formats written side by side."""
     num_partitions: int = 0
-    """Ray Data shuffle partitions of the per-user group-by; 0 = one per 250k interactions (at least 2)."""
+    """Ray tasks that build the wide instance rows (equal runs of the shard order); 0 = one per 4096 rows."""
     unseen_user_frac: float = 0.0
     """Users held out of train/val (seeded per user); their test rows are the 4.4.2 unseen-users subset."""
 

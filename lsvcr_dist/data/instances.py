@@ -118,8 +118,8 @@ def sample_comment_candidates(rng, ctx: PrepContext, video: int, positives: np.n
     """
     nc = ctx.dims["NC"]
     pos = [int(c) for c in positives if c > 0]
-    pos_set = set(pos)
-    others = np.array([c for c in ctx.comments_of(video).tolist() if c not in pos_set], dtype=np.int64)
+    in_video = ctx.comments_of(video)
+    others = in_video[~np.isin(in_video, pos)]  # a popular video has 10^4+ comments: no Python loop over them
     room = nc - len(pos)
     if len(others) > room:
         others = rng.choice(others, size=room, replace=False)
@@ -140,7 +140,8 @@ def sample_train_comment_candidates(rng, ctx: PrepContext, video: int, target: i
     """[NT] = [target, NT-1 negatives from the video's other comments, topped up with comments of other videos]."""
     nt = ctx.dims["NT"]
     pos_set = {int(c) for c in positives if c > 0} | {int(target)}
-    others = np.array([c for c in ctx.comments_of(video).tolist() if c not in pos_set], dtype=np.int64)
+    in_video = ctx.comments_of(video)
+    others = in_video[~np.isin(in_video, list(pos_set))]
     if len(others) > nt - 1:
         others = rng.choice(others, size=nt - 1, replace=False)
     neg = others.tolist()

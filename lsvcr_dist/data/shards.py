@@ -151,22 +151,55 @@ def write_parquet_shard(path: str | Path, table: pa.Table, dims: dict[str, int])
 
 
 def write_wds_shard(path: str | Path, table: pa.Table, dims: dict[str, int]) -> None:
-    """Write the rows of an INSTANCE table as one WebDataset tar (``<key>.inst.npy`` per sample, same order)."""
+    """Write the rows of an INSTANCE table as one WebDataset tar (``<key>.inst.npy`` per sample, same order).
+
+    The bytes equal ``tarfile.addfile`` of ``np.save`` blobs (``_wds_bytes_reference`` in tests), but every sample
+    shares one ``.npy`` header and one tar header template (same size, mode, mtime), so only the member name and
+    the header checksum are computed per sample: ``np.save`` + ``TarInfo`` per sample cost ~1 ms, which made the
+    WebDataset writer the slowest step of preparation at paper scale (0.9M samples).
+    """
     validate_schema(table.schema, INSTANCE, dims, source=str(path))
     records = table_to_records(table, dims)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        seen: dict[str, int] = {}
-        for rec in records:
-            base = f"u{int(rec['user_id'])}_t{int(rec['timestamp'])}_k{int(rec['task'])}"
-            n = seen.get(base, 0)
-            seen[base] = n + 1
-            data = encode_record(rec)
-            info = tarfile.TarInfo(f"{base}_{n}.{WDS_SUFFIX}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        if len(records):
+            npy_header = encode_record(records[0])[:-records.dtype.itemsize]
+            size = len(npy_header) + records.dtype.itemsize
+            template = bytearray(_ustar_header("x", size))
+            pad = b"\0" * (-size % tarfile.BLOCKSIZE)
+            seen: dict[str, int] = {}
+            users, stamps, tasks = (records[c].tolist() for c in ("user_id", "timestamp", "task"))
+            raw = records.tobytes()
+            out = []
+            for i, (u, t, k) in enumerate(zip(users, stamps, tasks)):
+                base = f"u{u}_t{t}_k{k}"
+                n = seen.get(base, 0)
+                seen[base] = n + 1
+                out += [_named_header(template, f"{base}_{n}.{WDS_SUFFIX}"), npy_header,
+                        raw[i * records.dtype.itemsize:(i + 1) * records.dtype.itemsize], pad]
+            blob = b"".join(out)
+            tar.fileobj.write(blob)
+            tar.offset += len(blob)
     tmp.replace(path)
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header ``tarfile`` writes for a regular member of this name and size (defaults)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _named_header(template: bytearray, name: str) -> bytes:
+    """``template`` with its name field set to ``name`` and the checksum recomputed as ``tarfile`` does."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:  # never for our keys; ustar would need the prefix field
+        return _ustar_header(name, int(template[124:135].decode(), 8))
+    template[0:100] = raw + b"\0" * (100 - len(raw))
+    template[148:156] = b" " * 8
+    template[148:155] = b"%06o\0" % sum(template)
+    return bytes(template)
 
 
 # --------------------------------------------------------------------------------------------------- checks

@@ -121,3 +121,30 @@ def test_flatten_and_rebuild_sliced_nested_columns():
     want = t.to_pylist()
     assert back.to_pylist() == [want[i] for i in idx]
     assert shards.to_instance_table(t.slice(7, 3), DIMS).to_pylist() == want[7:10]
+
+
+def _wds_bytes_reference(table: pa.Table, dims: dict, path) -> bytes:
+    """The plain way: ``np.save`` and ``tarfile.addfile`` per sample (what ``write_wds_shard`` must reproduce)."""
+    recs = shards.table_to_records(table, dims)
+    seen: dict[str, int] = {}
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for rec in recs:
+            base = f"u{int(rec['user_id'])}_t{int(rec['timestamp'])}_k{int(rec['task'])}"
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            buf = io.BytesIO()
+            np.save(buf, rec.reshape(1), allow_pickle=False)
+            info = tarfile.TarInfo(f"{base}_{n}.{shards.WDS_SUFFIX}")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("n", [0, 1, 23])
+def test_wds_writer_bytes_equal_tarfile_and_np_save(tmp_path, n):
+    table = make_table(n, seed=3)
+    if n:  # repeated (user, timestamp, task) keys get _1, _2 suffixes
+        table = pa.concat_tables([table, table.slice(0, 2)])
+    shards.write_wds_shard(tmp_path / "fast.tar", table, DIMS)
+    assert (tmp_path / "fast.tar").read_bytes() == _wds_bytes_reference(table, DIMS, tmp_path / "ref.tar")
+    assert shards.read_wds_file(tmp_path / "fast.tar", DIMS).equals(shards.to_instance_table(table, DIMS))
