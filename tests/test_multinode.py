@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,18 @@ STEPS = ["max_steps=8", "checkpoint.every_steps=2", "global_batch=8", "deepspeed
          "scaling.num_workers=2", "scaling.worker_resource=train_slot", "checkpoint.max_failures=1"]
 
 
+
+
+def _head_host() -> str:
+    """How the joining node names the head (GCS on 127.0.0.1 only): a joining node runs with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, under which Ray replaces the literal 127.0.0.1 by the machine's outward
+    address, where nothing of the head listens. The machine's host name, when it resolves to loopback (/etc/hosts),
+    reaches the head unchanged."""
+    name = socket.gethostname()
+    try:
+        return name if socket.gethostbyname(name).startswith("127.") else "127.0.0.1"
+    except OSError:
+        return "127.0.0.1"
 
 class _Cluster:
     """``ray start --block`` processes on loopback (head 127.0.0.1, others 127.0.0.2) sharing one temp dir;
@@ -78,7 +91,7 @@ class _Cluster:
         # Ray's fixed 30 s registration window (Ray Train's placement-group cleaner then only logs that it cannot ask)
         where = [f"--port={self.gcs}", "--head", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
                  f"--ray-client-server-port={client}"] if head else [
-            f"--address=127.0.0.1:{self.gcs}"]
+            f"--address={_head_host()}:{self.gcs}"]
         ip = "127.0.0.1" if head else "127.0.0.2"
         return [str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", *where, f"--num-cpus={cpus}",
                 '--resources={"train_slot": 1}', "--object-store-memory=150000000",
