@@ -30,8 +30,8 @@ def _free_port() -> int:
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_prepared, tmp_path):
-    data, _, _ = tiny_prepared
+def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_path):
+    data, _, _ = tiny_encoded  # data + the base store (alignment standardises text vectors by its statistics)
     ray_tmp = tmp_path / "raytmp"  # RAY_TMPDIR: Ray's default temp folder becomes ray_tmp/ray
     (ray_tmp / "ray").mkdir(parents=True)
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # head long gone
@@ -43,6 +43,8 @@ def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_prepared, tmp_
         run = tmp_path / name
         run.mkdir()
         (run / "data").symlink_to(Path(data) / "data")
+        (run / "embeddings").mkdir()
+        (run / "embeddings" / "base").symlink_to(Path(data) / "embeddings" / "base")
         runs.append(run)
         cmd = [sys.executable, "jobs/align.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run}", "max_steps=2",
                "scaling.num_workers=1", "global_batch=4", "deepspeed.micro_batch=4", "checkpoint.every_steps=2"]

@@ -148,13 +148,15 @@ def _wait(p: subprocess.Popen, timeout: float, log: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
-def test_two_nodes_worker_node_lost_mid_run_resumes_exactly(tiny_prepared, tmp_path):
-    data, _, _ = tiny_prepared
+def test_two_nodes_worker_node_lost_mid_run_resumes_exactly(tiny_encoded, tmp_path):
+    data, _, _ = tiny_encoded  # data + the base store (alignment standardises text vectors by its statistics)
     runs = {}
     for name in ("ref", "fault"):
         runs[name] = tmp_path / name
         runs[name].mkdir()
         (runs[name] / "data").symlink_to(Path(data) / "data")
+        (runs[name] / "embeddings").mkdir()
+        (runs[name] / "embeddings" / "base").symlink_to(Path(data) / "embeddings" / "base")
     cluster = _Cluster(tmp_path)
     drivers: list[subprocess.Popen] = []
     try:
