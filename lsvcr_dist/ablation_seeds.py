@@ -42,9 +42,9 @@ def run_seeds(config: str | Path, overrides: list[str], runner: Runner, seeds: i
     for k in range(1, seeds):
         sub = main / "seeds" / f"seed{k}"
         link_dirs(main, sub, SHARED, "the seed runs")
-        log(f"[ablations] seed {k}: {' '.join(seed_overrides(config, overrides, k))}")
-        runs.append(run_variant_set(config, base, runner, variants, sub, seed_overrides(config, overrides, k),
-                                    stages, log))
+        extra = seed_overrides(config, overrides, k)
+        log(f"[ablations] seed {k}: {' '.join(extra)}")
+        runs.append(run_variant_set(config, base, runner, variants, sub, extra, stages, log))
     summary = summarize(runs)
     out = main / "ablations"
     out.mkdir(parents=True, exist_ok=True)
