@@ -189,7 +189,9 @@ def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
         ds = read_instances(data, "train", tasks=["video"])
 
         def stream(epoch):
-            return [(int(u), int(t)) for bt in epoch_iterator(ds.iterator(), 16, epoch, 5, 512, dims=m["dims"])
+            # drop_last=False: the dropped partial batch holds other rows in another epoch
+            return [(int(u), int(t)) for bt in epoch_iterator(
+                ds.iterator(), 16, epoch, 5, 512, dims=m["dims"], drop_last=False)
                     for u, t in zip(bt["user_id"], bt["timestamp"])]
 
         e0, e0_again, e1 = stream(0), stream(0), stream(1)
