@@ -115,8 +115,8 @@ def test_checker_catches_entry_points(src, hit):
 # ------------------------------------------------------------------------------------------------ import direction
 ROOT = PKG.parent
 LAYERS = (
-    ("foundation", ("__init__.py", "schema.py", "config_blocks.py", "config.py", "losses.py", "metrics.py",
-                    "flops.py", "embeddings.py", "plots.py", "checksums.py", "store_progress.py", "store_stats.py",
+    ("foundation", ("__init__.py", "schema.py", "config_blocks.py", "config_stages.py", "config.py", "losses.py",
+                    "metrics.py", "flops.py", "embeddings.py", "plots.py", "checksums.py", "store_progress.py", "store_stats.py",
                     "progress.py")),
     ("models", ("models/",)),
     ("data", ("data/", "finetuned.py", "raw_source.py")),

@@ -338,6 +338,40 @@ def _check_comment_lists(path: Path, row0: int, lists: pa.Array, videos: np.ndar
               f"{int(videos[parent[i]])}")
 
 
+def _check_dense(raw_dir: Path, table: str, col: str, ids: np.ndarray) -> None:
+    """Fail on the first id above ``len(ids)``: unique positive ``ids`` (sorted) are ``1..N`` iff the max is N."""
+    if not len(ids) or ids[-1] == len(ids):
+        return
+    for path, row0, b in iter_raw_batches(raw_dir, table, [col]):
+        over = np.flatnonzero(b.column(0).to_numpy() > len(ids))
+        if over.size:
+            _fail(path, row0 + int(over[0]), col,
+                  f"id {b.column(0)[int(over[0])].as_py()} out of range: ids of '{table}' must be dense "
+                  f"1..{len(ids)} (re-map them, see lsvcr_dist.data.importers)")
+
+
+def _check_inter_batch(path: Path, row0: int, b: pa.RecordBatch, kinds: tuple, video_ids: np.ndarray):
+    """Row checks shared by both interaction tables: non-null positive ids, time, known video, known kind.
+
+    Returns:
+        ``(user_id, video_id, timestamp)`` of the batch as int64 arrays ``[n]``.
+    """
+    _check_nulls_positive(path, row0, b, ["user_id", "video_id"])
+    u, v, t = (b.column(c).to_numpy() for c in ("user_id", "video_id", "timestamp"))
+    neg = np.flatnonzero(t < 0)
+    if neg.size:  # seconds since 1970: a negative time is a unit or sign error upstream
+        _fail(path, row0 + int(neg[0]), "timestamp", f"negative timestamp {int(t[neg[0]])}")
+    _, ok = _lookup(video_ids, v)
+    if not ok.all():
+        r = int(np.flatnonzero(~ok)[0])
+        _fail(path, row0 + r, "video_id", f"unknown video {int(v[r])}")
+    bad_kind = np.flatnonzero(~pc.is_in(b.column("kind"), pa.array(kinds)).to_numpy(zero_copy_only=False))
+    if bad_kind.size:
+        r = int(bad_kind[0])
+        _fail(path, row0 + r, "kind", f"unknown kind {b.column('kind')[r].as_py()!r} (allowed: {kinds})")
+    return u, v, t
+
+
 def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
     """Check every raw file and return statistics, streaming file by file.
 
@@ -365,14 +399,9 @@ def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
         raise RawDataError(f"{raw_dir / 'videos'}: the videos table is empty (0 rows in {len(files['videos'])} part "
                            "file(s)); every comment and interaction refers to a video")
     comment_ids, comment_video = _collect_ids(raw_dir, "comments", "comment_id", "video_id")
-    for table, col, ids in (("videos", "video_id", video_ids), ("comments", "comment_id", comment_ids)):
-        if require_dense and len(ids) and ids[-1] != len(ids):  # unique + positive, so max == N iff dense
-            for path, row0, b in iter_raw_batches(raw_dir, table, [col]):
-                over = np.flatnonzero(b.column(0).to_numpy() > len(ids))
-                if over.size:
-                    _fail(path, row0 + int(over[0]), col,
-                          f"id {b.column(0)[int(over[0])].as_py()} out of range: ids of '{table}' must be dense "
-                          f"1..{len(ids)} (re-map them, see lsvcr_dist.data.importers)")
+    if require_dense:
+        _check_dense(raw_dir, "videos", "video_id", video_ids)
+        _check_dense(raw_dir, "comments", "comment_id", comment_ids)
     users: set[int] = set()
     stats = {"num_video_inter": 0, "num_comment_inter": 0, "num_comment_inter_comments": 0}
     ts_min, ts_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
@@ -387,19 +416,7 @@ def validate_raw(raw_dir: str | Path, require_dense: bool = True) -> dict:
         for path in files[table]:
             last: dict[int, int] = {}
             for row0, b in iter_file_batches(path, table):
-                _check_nulls_positive(path, row0, b, ["user_id", "video_id"])
-                u, v, t = (b.column(c).to_numpy() for c in ("user_id", "video_id", "timestamp"))
-                neg = np.flatnonzero(t < 0)
-                if neg.size:  # seconds since 1970: a negative time is a unit or sign error upstream
-                    _fail(path, row0 + int(neg[0]), "timestamp", f"negative timestamp {int(t[neg[0]])}")
-                _, ok = _lookup(video_ids, v)
-                if not ok.all():
-                    r = int(np.flatnonzero(~ok)[0])
-                    _fail(path, row0 + r, "video_id", f"unknown video {int(v[r])}")
-                bad_kind = np.flatnonzero(~pc.is_in(b.column("kind"), pa.array(kinds)).to_numpy(zero_copy_only=False))
-                if bad_kind.size:
-                    r = int(bad_kind[0])
-                    _fail(path, row0 + r, "kind", f"unknown kind {b.column('kind')[r].as_py()!r} (allowed: {kinds})")
+                u, v, t = _check_inter_batch(path, row0, b, kinds, video_ids)
                 if table == "comment_inter":
                     _check_comment_lists(path, row0, b.column("comment_ids"), v, comment_ids, comment_video)
                     stats["num_comment_inter_comments"] += len(b.column("comment_ids").flatten())
