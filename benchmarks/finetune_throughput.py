@@ -80,7 +80,7 @@ def plain_loop(cfg: FinetuneStageConfig, task: str, steps: int, warmup: int, thr
     man = read_manifest(run / "data")
     torch.manual_seed(cfg.seed)
     model, _ = build_finetune_model(cfg, task, num_videos=int(man["num_videos"]),
-                                    text_table=load_text_table(store_dir(run, cfg.init)),
+                                    text_table=load_text_table(store_dir(run, cfg.init, cfg.text_mlp)),
                                     align_final=run / "align" / "final", la=dims_of(man)["LA"],
                                     generator=torch.Generator().manual_seed(cfg.seed))
     model.train()

@@ -44,6 +44,7 @@ from lsvcr_dist.config_stages import (  # noqa: F401 - re-exported
     FinetuneStageConfig,
     GenerateConfig,
     PrepareConfig,
+    SelectMetric,
     STAGES,
 )
 

@@ -274,6 +274,10 @@ class FinetuneStageConfig:
     """Tasks fine-tuned (one model per task, as the public code)."""
     init: Literal["align", "scratch"] = "align"
     """``align`` loads the aligned SR weights; ``scratch`` is Table 4 'w/o Alignment'."""
+    text_mlp: Literal["frozen", "trained"] = "frozen"
+    """With ``init=align``: ``frozen`` reads the aligned store, where the aligned text MLP was applied once (public
+    code; the SR model sees ``sr.text_dim`` numbers per text); ``trained`` reads the base store through the aligned
+    text MLP and keeps training it (every dimension of the LLM's vectors stays visible). Scratch always trains one."""
     use_id: bool = True
     """Video ID embeddings (3.4.1); False for the unseen-video setting (4.4.2)."""
     position_extension: Literal["mean", "random"] = "mean"

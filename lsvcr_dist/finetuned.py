@@ -39,12 +39,13 @@ class FinetuneSetupError(RuntimeError):
     """A required input of fine-tune/evaluation is missing or inconsistent; the message names the path or key."""
 
 
-def store_dir(run_dir: str | Path, init: str) -> Path:
+def store_dir(run_dir: str | Path, init: str, text_mlp: str = "frozen") -> Path:
     """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment'.
 
-    ``init`` is ``FinetuneStageConfig.init`` (``align`` or ``scratch``; baselines run with ``scratch``).
+    ``init`` / ``text_mlp`` are ``FinetuneStageConfig``'s (baselines run with ``init=scratch``); an aligned model
+    whose text MLP is trained reads the base store.
     """
-    return Path(run_dir) / "embeddings" / ("aligned" if init == "align" else "base")
+    return Path(run_dir) / "embeddings" / ("aligned" if init == "align" and text_mlp == "frozen" else "base")
 
 
 def load_text_table(path: str | Path, verify: str | None = None) -> EmbeddingStore:
@@ -105,10 +106,11 @@ def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int
         return build_baseline(cfg.model, {"sr": args, "num_videos": num_videos, "task": task,
                                           "tau": cfg.loss.tau}, text_table), args
     aligned = cfg.init == "align"
-    if aligned and din != cfg.sr.text_dim:
+    projected = aligned and cfg.text_mlp == "frozen"
+    if projected and din != cfg.sr.text_dim:
         raise FinetuneSetupError(f"aligned store vectors have width {din} but sr.text_dim={cfg.sr.text_dim}"
                                  " (the aligned store must hold projected vectors)")
-    args = sr_build_args(cfg.sr, text_in_dim=din, use_text_mlp=not aligned,
+    args = sr_build_args(cfg.sr, text_in_dim=din, use_text_mlp=not projected,
                          num_videos=num_videos if cfg.use_id else 0)
     sr = build_sr_model(**args)
     if aligned:

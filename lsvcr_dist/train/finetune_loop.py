@@ -155,7 +155,7 @@ def setup(config: dict) -> FinetuneWorker:
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
     man = read_manifest(run_dir / "data")
-    store = store_dir(run_dir, cfg.init)
+    store = store_dir(run_dir, cfg.init, cfg.text_mlp)
     model, build_args = build_finetune_model(
         cfg, task, num_videos=int(man["num_videos"]), text_table=load_text_table(store),
         align_final=run_dir / "align" / "final", la=dims_of(man)["LA"],

@@ -157,6 +157,31 @@ def test_without_randpos_only_la_rows_kept_and_random_extension(run):
     assert not torch.allclose(tail, mean_fill.expand(2, -1)) and not torch.allclose(tail, saved["pos_v.weight"][la:])
 
 
+def test_trained_text_mlp_reads_the_base_store_from_the_aligned_mlp(run):
+    """``text_mlp=trained``: the base store (width 12) goes through the aligned text MLP, loaded exactly and trained
+    further (gradients reach it); ``frozen`` reads the projected aligned store; the wrong width is named."""
+    from lsvcr_dist.finetuned import store_dir
+
+    cfg = F.ft_config(run, text_mlp="trained")
+    saved = F.write_aligned(run, cfg, base_dim=12)
+    model, args = build_finetune_model(cfg, "video", num_videos=F.V, text_table=F.text_table(dim=12),
+                                       align_final=run / "align" / "final", la=F.DIMS["LA"])
+    assert args["use_text_mlp"] is True and args["text_in_dim"] == 12
+    mlp = {k: v for k, v in saved.items() if k.startswith("text_mlp.")}
+    assert mlp and all(torch.equal(model.sr.state_dict()[k], v) for k, v in mlp.items())
+    batch = next(iter_split(run / "data", "train", "video", 8, train_mode=True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model, batch, "video", VRTLoss(0.07), FinetuneLoss.from_config(cfg.loss), opt,
+               torch.Generator().manual_seed(0))
+    grads = [p.grad for n, p in model.sr.named_parameters() if n.startswith("text_mlp.")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert store_dir(run, "align", "trained").name == "base" and store_dir(run, "align", "frozen").name == "aligned"
+    assert store_dir(run, "scratch", "frozen").name == "base"
+    with pytest.raises(CheckpointShapeError, match=r"tensor 'text_mlp\.[\w.]+' has shape"):
+        build_finetune_model(cfg, "video", num_videos=F.V, text_table=F.text_table(dim=10),
+                             align_final=run / "align" / "final", la=F.DIMS["LA"])
+
+
 def test_refuses_checkpoint_of_another_shape(run):
     cfg = F.ft_config(run)
     F.write_aligned(run, cfg, dim=16)
