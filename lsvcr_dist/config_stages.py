@@ -276,8 +276,8 @@ class FinetuneStageConfig:
     """``align`` loads the aligned SR weights; ``scratch`` is Table 4 'w/o Alignment'."""
     text_mlp: Literal["frozen", "trained"] = "frozen"
     """With ``init=align``: ``frozen`` reads the aligned store, where the aligned text MLP was applied once (public
-    code; the SR model sees ``sr.text_dim`` numbers per text); ``trained`` reads the base store through the aligned
-    text MLP and keeps training it (every dimension of the LLM's vectors stays visible). Scratch always trains one."""
+    code's default 256-d files); ``trained`` reads the base store through the aligned text MLP and keeps training it,
+    as the public code does with full-width stored vectors (every dimension stays visible). Scratch trains a new one."""
     use_id: bool = True
     """Video ID embeddings (3.4.1); False for the unseen-video setting (4.4.2)."""
     position_extension: Literal["mean", "random"] = "mean"
