@@ -31,11 +31,6 @@ from lsvcr_dist.config_blocks import (  # noqa: F401 - re-exported: the one impo
     OptimConfig,
     ScalingConfig,
     SRConfig,
-    at_least,
-    check_choices,
-    not_empty,
-    positive,
-    probability,
 )
 from lsvcr_dist.config_stages import (  # noqa: F401 - re-exported
     AlignStageConfig,
