@@ -39,13 +39,19 @@ class FinetuneSetupError(RuntimeError):
     """A required input of fine-tune/evaluation is missing or inconsistent; the message names the path or key."""
 
 
-def store_dir(run_dir: str | Path, init: str, text_mlp: str = "frozen") -> Path:
-    """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment'.
+def reads_projected_store(init: str, text_mlp: str = "frozen") -> bool:
+    """Whether a fine-tune run reads the aligned (projected) store: aligned init with the text MLP frozen into it.
 
-    ``init`` / ``text_mlp`` are ``FinetuneStageConfig``'s (baselines run with ``init=scratch``); an aligned model
-    whose text MLP is trained reads the base store.
+    ``init`` / ``text_mlp`` are ``FinetuneStageConfig``'s (baselines run with ``init=scratch``); every other run
+    reads the base store through a text MLP of its own.
     """
-    return Path(run_dir) / "embeddings" / ("aligned" if init == "align" and text_mlp == "frozen" else "base")
+    return init == "align" and text_mlp == "frozen"
+
+
+def store_dir(run_dir: str | Path, init: str, text_mlp: str = "frozen") -> Path:
+    """Text-vector store of a fine-tune run: aligned (projected) after alignment, base for 'w/o Alignment' and for
+    ``text_mlp=trained`` (``reads_projected_store``)."""
+    return Path(run_dir) / "embeddings" / ("aligned" if reads_projected_store(init, text_mlp) else "base")
 
 
 def load_text_table(path: str | Path, verify: str | None = None) -> EmbeddingStore:
@@ -106,7 +112,7 @@ def build_finetune_model(cfg: FinetuneStageConfig, task: str, *, num_videos: int
         return build_baseline(cfg.model, {"sr": args, "num_videos": num_videos, "task": task,
                                           "tau": cfg.loss.tau}, text_table), args
     aligned = cfg.init == "align"
-    projected = aligned and cfg.text_mlp == "frozen"
+    projected = reads_projected_store(cfg.init, cfg.text_mlp)
     if projected and din != cfg.sr.text_dim:
         raise FinetuneSetupError(f"aligned store vectors have width {din} but sr.text_dim={cfg.sr.text_dim}"
                                  " (the aligned store must hold projected vectors)")
