@@ -288,6 +288,11 @@ class FinetuneStageConfig:
     """Global batch: each of the ``scaling.num_workers`` workers takes ``batch_size // num_workers`` rows."""
     max_epochs: int = 50
     """Epochs at most; early stopping (``patience``) usually ends sooner."""
+    max_steps_per_epoch: int = 0
+    """Training steps per epoch at most (0 = the whole train split). A bounded epoch reads the first
+    ``max_steps_per_epoch * batch_size`` rows of its stream: the prepared order mixes users, but the windowed shuffle
+    permutes rows only inside windows, so every bounded epoch draws from the same leading rows. For scale and smoke
+    runs (paper-size data on a CPU box), not for results."""
     patience: int = 5
     """Early stop after this many evaluations without a better validation ``select_metric``."""
     select_metric: SelectMetric = "ndcg@10"
@@ -301,6 +306,7 @@ class FinetuneStageConfig:
         check_choices(self)
         not_empty(self, "tasks")
         at_least(self, 1, "max_epochs", "patience", "timeout_s")
+        at_least(self, 0, "max_steps_per_epoch")
         positive(self, "progress_every_s")
         if self.batch_size < self.scaling.num_workers:  # each worker takes batch_size // num_workers rows
             raise ConfigError(f"must be >= scaling.num_workers = {self.scaling.num_workers} (a row per worker), got"

@@ -132,6 +132,7 @@ TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
     ("finetune", "batch_size=-64", "batch_size"),
     ("finetune", "batch_size=1", "batch_size"),  # 2 workers: one of them would get no row
     ("finetune", "patience=0", "patience"),
+    ("finetune", "max_steps_per_epoch=-1", "max_steps_per_epoch"),
     ("evaluate", "batch_size=-1", "batch_size"),
     ("evaluate", "ks=[10,0]", "ks"),
 ])

@@ -13,6 +13,7 @@ together after ``patience`` epochs without improvement.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -234,12 +235,14 @@ def train_loop_per_worker(config: dict) -> None:
     dims = dims_of(man)
     # streaming_split(equal=True) gives every worker floor(rows / W) rows; drop_last keeps whole batches
     epoch_steps = int(man.get("splits", {}).get("train", {}).get(w.task, 0)) // world_size() // per_worker
+    if cfg.max_steps_per_epoch:
+        epoch_steps = min(epoch_steps, cfg.max_steps_per_epoch)
     if rank() == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(w, 0, {"loss": None})
     for epoch in range(1, cfg.max_epochs + 1):
-        train_metrics = train_epoch(w, epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims),
-                                    epoch, epoch_steps, per_worker * world_size())
+        batches = epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims, cfg.max_steps_per_epoch)
+        train_metrics = train_epoch(w, batches, epoch, epoch_steps, per_worker * world_size())
         stop = False
         if rank() == 0:
             ddp.eval()
@@ -253,18 +256,27 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def epoch_batches(shard, cfg: FinetuneStageConfig, transform: FinetuneTransform, epoch: int, batch_size: int,
-                  worker_rank: int, dims: dict):
+                  worker_rank: int, dims: dict, max_steps: int = 0):
     """The training batches of one epoch on this worker: INSTANCE rows in ``ingest.epoch_iterator`` order (the
     prepared global order, windows permuted by ``(seed, epoch, rank)``), then ``FinetuneTransform`` with this
-    epoch's popular-comment draw, as int64 tensors ``{key: [B, ...]}`` of ``schema.FINETUNE_BATCH``."""
+    epoch's popular-comment draw, as int64 tensors ``{key: [B, ...]}`` of ``schema.FINETUNE_BATCH``.
+
+    ``max_steps`` > 0 stops after that many batches and closes the shard's iterator (every worker stops at the same
+    step, so the DDP steps stay paired); 0 reads the whole epoch."""
     from lsvcr_dist.data.ingest import epoch_iterator, shuffle_seed
 
     draw = transform.with_epoch(epoch)
-    for rows in epoch_iterator(shard, batch_size, epoch, shuffle_seed(cfg), cfg.ingest.shuffle_window, worker_rank,
-                               prefetch_batches=cfg.ingest.prefetch_batches, drop_last=True, device="cpu",
-                               dims=dims):
-        out = draw({k: v.numpy() for k, v in rows.items()})
-        yield {k: torch.from_numpy(v) for k, v in out.items()}
+    stream = iter(epoch_iterator(shard, batch_size, epoch, shuffle_seed(cfg), cfg.ingest.shuffle_window, worker_rank,
+                                 prefetch_batches=cfg.ingest.prefetch_batches, drop_last=True, device="cpu",
+                                 dims=dims))
+    try:
+        for rows in itertools.islice(stream, max_steps) if max_steps else stream:
+            out = draw({k: v.numpy() for k, v in rows.items()})
+            yield {k: torch.from_numpy(v) for k, v in out.items()}
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # a bounded epoch releases the shard's prefetching iterator now, not at collection
+            close()
 
 
 def build_train_dataset(cfg: FinetuneStageConfig, task: str):

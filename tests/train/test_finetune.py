@@ -117,6 +117,44 @@ def test_epoch_batches_shuffle_and_draw_per_epoch(run):
         assert all(ref[k] == v for k, v in rows.items())
 
 
+class _TrackedShard(_ListShard):
+    """``_ListShard`` that counts the batches it hands out and whether its iterator was closed."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.served, self.closed = 0, False
+
+    def iter_torch_batches(self, **kw):
+        try:
+            for b in super().iter_torch_batches(**kw):
+                self.served += 1
+                yield b
+        finally:
+            self.closed = True
+
+
+def test_bounded_epoch_is_the_leading_batches_and_releases_the_shard(run):
+    """``max_steps`` = 3 of 4-row batches with 8-row windows: exactly the first 3 batches of the whole epoch (same
+    rows, order and draw), only the 2 windows that hold them are read, and the shard's iterator is closed."""
+    from lsvcr_dist.data.manifest import dims_of, read_manifest
+    from lsvcr_dist.train.finetune_loop import epoch_batches
+
+    data = run / "data"
+    table = pq.read_table(data / "parquet" / "train" / "part-00000.parquet")
+    cfg = F.ft_config(run)
+    cfg.ingest.shuffle_window, cfg.ingest.prefetch_batches = 8, 0
+    dims = dims_of(read_manifest(data))
+    tf = FinetuneTransform(str(data), train=True, seed=cfg.seed)
+    whole = list(epoch_batches(_ListShard(table), cfg, tf, 2, 4, 0, dims))
+    assert len(whole) == table.num_rows // 4 > 3
+    shard = _TrackedShard(table)
+    bounded = list(epoch_batches(shard, cfg, tf, 2, 4, 0, dims, max_steps=3))
+    assert len(bounded) == 3
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(bounded, whole) for k in a)
+    assert shard.served == 2 and shard.closed
+    assert len(list(epoch_batches(_ListShard(table), cfg, tf, 2, 4, 0, dims, max_steps=10**6))) == len(whole)
+
+
 def test_transform_missing_column_is_named(run):
     table = pq.read_table(run / "data" / "parquet" / "val" / "part-00000.parquet").drop_columns(["user_seen"])
     with pytest.raises(F.schema.SchemaError, match="user_seen"):
