@@ -255,3 +255,18 @@ def test_ray_row_numbers_map_onto_the_pending_text_ids():
     assert positions_to_text_ids(np.array([8, 0]), ranges).tolist() == [22, 7]
     with pytest.raises(ValueError, match="outside the 9 pending texts"):
         positions_to_text_ids(np.array([9]), ranges)
+
+
+@pytest.mark.parametrize("n, batch, actors, blocks", [
+    (4_400, 64, 1, 4),              # tiny: one block per quarter of the texts, 4 per actor
+    (100, 64, 2, 2),                # fewer batches than 4 per actor: a block per batch
+    (14_264_034, 64, 2, 871),       # paper: ceil(14,264,034 / 16,384) blocks of <= 256 batches
+    (14_264_034, 64, 1000, 4_000),  # many actors: still 4 blocks each
+])
+def test_encode_blocks_keep_every_actor_busy_and_blocks_small(n, batch, actors, blocks):
+    """Blocks are the driver's write and progress unit: <= 256 batches each, >= 4 per actor, <= one per batch."""
+    from lsvcr_dist.encode import BLOCK_BATCHES, encode_blocks
+
+    got = encode_blocks(n, batch, actors)
+    assert got == blocks
+    assert got <= -(-n // batch) and (-(-n // got) <= BLOCK_BATCHES * batch or got == 4 * actors)

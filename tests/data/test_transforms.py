@@ -115,6 +115,40 @@ def test_text_lookup_by_id_and_bad_table(data_dir, tmp_path):
         TextLookup(bad, NV, 12)
 
 
+def test_text_lookup_maps_the_arrow_twin_without_a_private_copy(tmp_path):
+    """Prepared tables (in id order, with the ``.arrow`` twin) are read zero-copy from the memory map: the same texts
+    as the Parquet path, and no Arrow pool allocation for the strings (the Parquet path allocates all of them)."""
+    import pyarrow.feather as feather
+
+    nv, nc = 3, 2000
+    tables = tmp_path / "data" / "tables"
+    tables.mkdir(parents=True)
+    v = {"video_id": np.arange(1, nv + 1), "title": np.array([f"title {i}" for i in range(1, nv + 1)], dtype=object),
+         "popular_comments": np.zeros((nv, 2), np.int64), "num_comments": np.zeros(nv, np.int64)}
+    c = {"comment_id": np.arange(1, nc + 1), "video_id": np.ones(nc, np.int64), "popularity": np.zeros(nc, np.int64),
+         "text": np.array([f"comment {i} " + "x" * 200 for i in range(1, nc + 1)], dtype=object)}
+    for name, cols, spec, dims in (("videos", v, schema.VIDEO_TABLE, {"P": 2}), ("comments", c, schema.COMMENT_TABLE, {})):
+        t = schema.numpy_to_table(cols, spec, dims)
+        pq.write_table(t, tables / f"{name}.parquet")
+    ids = np.array([0, 2, nv + 1, nv + nc, nv + 17])
+    want = ["", "title 2", c["text"][0], c["text"][-1], c["text"][16]]
+    before = pa.total_allocated_bytes()
+    from_parquet = TextLookup(tmp_path / "data", nv, nc)
+    assert pa.total_allocated_bytes() - before > nc * 200
+    assert from_parquet.texts(ids) == want
+    for name in ("videos", "comments"):
+        feather.write_feather(pq.read_table(tables / f"{name}.parquet"), tables / f"{name}.arrow",
+                              compression="uncompressed", chunksize=300)  # 7 record batches of comments
+    before = pa.total_allocated_bytes()
+    mapped = TextLookup(tmp_path / "data", nv, nc)
+    assert pa.total_allocated_bytes() - before < nc * 8  # the id check's numpy copy is outside the Arrow pool
+    assert mapped.comments.col.num_chunks == 7
+    assert mapped.texts(ids) == want
+    spread = np.random.default_rng(0).integers(1, nc + 1, 500)  # ids in every chunk, repeated, any order
+    assert mapped.texts(nv + spread) == [c["text"][i - 1] for i in spread]
+    assert [mapped.comment(int(i)) for i in spread[:20]] == [c["text"][i - 1] for i in spread[:20]]
+
+
 def test_text_tokenizer_dedups_and_pads(data_dir):
     tt = TextTokenizer.from_data_dir(data_dir, LLM)
     ids, mask = tt.tokenize(np.array([1, 0, NV + 3]))
