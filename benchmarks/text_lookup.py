@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
     from lsvcr_dist.data.manifest import read_dims
-    from lsvcr_dist.data.transforms import TextLookup
+    from lsvcr_dist.data.tables import TextLookup
 
     dims = read_dims(args.data)
     nv, nc = dims["num_videos"], dims["num_comments"]

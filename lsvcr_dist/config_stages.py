@@ -336,10 +336,13 @@ class EvalConfig:
     """Also rank the target against every video."""
     batch_size: int = 256
     """Test rows scored per forward pass."""
+    progress_every_s: float = 30.0
+    """Seconds between progress lines (rows scored, rows/s, ETA) of each evaluation pass, at most."""
 
     def __post_init__(self) -> None:
         not_empty(self, "ks")
         at_least(self, 1, "batch_size")
+        positive(self, "progress_every_s")
         if min(self.ks) < 1:
             raise ConfigError(f"must be >= 1 each, got {self.ks}", "ks")
 

@@ -27,6 +27,7 @@ from lsvcr_dist.data.manifest import read_manifest, shard_files
 from lsvcr_dist.metrics import MetricAccumulator, per_row_metrics
 from lsvcr_dist.models.baselines import Popularity
 from lsvcr_dist.models.finetune_model import IDOnlyModelError, ids_discarded
+from lsvcr_dist.progress import Progress, emit
 
 TASK_IDS = {"video": schema.TASK_VIDEO, "comment": schema.TASK_COMMENT}
 HEADLINE = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr")
@@ -70,9 +71,16 @@ def iter_split(data_dir: str | Path, split: str, task: str, batch_size: int, tra
             yield {k: torch.from_numpy(v) for k, v in tf(part).items()}
 
 
+def split_rows(data_dir: str | Path, split: str, task: str, limit: int = 0) -> int:
+    """Rows of ``task`` in ``split`` by the manifest's counts (0 when it has none), capped by ``limit`` (0 = all)."""
+    n = int(read_manifest(data_dir).get("splits", {}).get(split, {}).get(task, 0))
+    return min(n, limit) if limit else n
+
+
 def _score_pass(model: torch.nn.Module, data_dir, split: str, task: str, ks, batch_size: int, full_ranking: bool,
-                subsets: bool, limit: int) -> dict:
-    """One pass over the split: accumulated metrics of every row, the full ranking and the two 4.4.2 subsets."""
+                subsets: bool, limit: int, prog: Progress | None = None) -> dict:
+    """One pass over the split: accumulated metrics of every row, the full ranking and the two 4.4.2 subsets;
+    ``prog`` counts a step per batch and its rows."""
     acc = {name: MetricAccumulator(ks) for name in ("metrics", "full", "unseen_videos", "unseen_users")}
     rows_done = 0
     for batch in iter_split(data_dir, split, task, batch_size, limit=limit):
@@ -91,12 +99,17 @@ def _score_pass(model: torch.nn.Module, data_dir, split: str, task: str, ks, bat
             cand[:, 0] = False
             acc["full"].update(per_row_metrics(all_scores, pos_all, cand, ks, row_offset=rows_done))
         rows_done += scores.shape[0]
+        if prog is not None:
+            prog.update(1, scores.shape[0])
+    if prog is not None:
+        prog.done()
     return {k: a.result() for k, a in acc.items()}
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, task: str, *, ks=(5, 10),
-                   batch_size: int = 256, full_ranking: bool = False, subsets: bool = True, limit: int = 0) -> dict:
+                   batch_size: int = 256, full_ranking: bool = False, subsets: bool = True, limit: int = 0,
+                   progress: str = "", progress_every_s: float = 30.0, log=emit) -> dict:
     """Metrics of ``model`` on one split and task.
 
     Args:
@@ -110,6 +123,11 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, tas
         subsets: also report the unseen-videos / unseen-users subsets, and every row and both subsets again with
             the ID embeddings discarded (4.4.2, ``finetune_model.ids_discarded``).
         limit: rows evaluated at most (0 = all).
+        progress: name of the progress lines (``"evaluate video"``), printed by ``log`` at most every
+            ``progress_every_s`` seconds per pass (rows scored, rows/s, ETA from the manifest's split counts);
+            "" = silent.
+        progress_every_s: seconds between progress lines at most (plus one batch).
+        log: line printer of the progress lines.
 
     Returns:
         ``{"metrics": {...,"n"}, "full": {...} (video + full_ranking), "subsets": {"unseen_videos": {...},
@@ -118,7 +136,14 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, tas
     """
     was_training = model.training
     model.eval()
-    res = _score_pass(model, data_dir, split, task, ks, batch_size, full_ranking, subsets, limit)
+    total = split_rows(data_dir, split, task, limit)
+
+    def prog(name: str) -> Progress | None:
+        return Progress(name, 0, progress_every_s, log=log, unit="rows", total_samples=total) if progress else None
+
+    full = full_ranking and task == "video"
+    res = _score_pass(model, data_dir, split, task, ks, batch_size, full_ranking, subsets, limit,
+                      prog(f"{progress} ({split}{', all videos ranked' if full else ''})"))
     out = {"metrics": res["metrics"]}
     if full_ranking and task == "video":
         out["full"] = res["full"]
@@ -126,7 +151,8 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, tas
         out["subsets"] = {"unseen_videos": res["unseen_videos"], "unseen_users": res["unseen_users"]}
         try:
             with ids_discarded(model):
-                text = _score_pass(model, data_dir, split, task, ks, batch_size, False, True, limit)
+                text = _score_pass(model, data_dir, split, task, ks, batch_size, False, True, limit,
+                                   prog(f"{progress} ({split}, IDs discarded)"))
             out["ids_discarded"] = {"all": text["metrics"], "unseen_videos": text["unseen_videos"],
                                     "unseen_users": text["unseen_users"]}
         except IDOnlyModelError as e:
@@ -257,7 +283,8 @@ def evaluate_run(cfg, export: bool = True) -> dict:
                 raise EvaluationError(f"{data_dir}: the 'test' split has no {task} instances; no metrics written")
             export_scorer(model, example, run_dir / "export" / task, {"text_store": args["text_store"]})
         results[task] = evaluate_model(model, data_dir, "test", task, ks=tuple(cfg.ks), batch_size=cfg.batch_size,
-                                       full_ranking=cfg.full_ranking)
+                                       full_ranking=cfg.full_ranking, progress=f"evaluate {task}",
+                                       progress_every_s=cfg.progress_every_s)
         if not results[task]["metrics"]["n"]:  # all-zero metrics for nothing evaluated would read as a result
             raise EvaluationError(f"{data_dir}: 0 {task} instances evaluated on the 'test' split (batch_size="
                                   f"{cfg.batch_size}); no metrics written")
@@ -265,7 +292,9 @@ def evaluate_run(cfg, export: bool = True) -> dict:
         raise FileNotFoundError(f"{run_dir / 'finetune'}: no fine-tuned model (run jobs/finetune.py first)")
     table = results_table(results)
     popular = {task: evaluate_model(popularity_model(data_dir, task), data_dir, "test", task, ks=tuple(cfg.ks),
-                                    batch_size=cfg.batch_size, full_ranking=cfg.full_ranking) for task in results}
+                                    batch_size=cfg.batch_size, full_ranking=cfg.full_ranking,
+                                    progress=f"evaluate popularity {task}", progress_every_s=cfg.progress_every_s)
+               for task in results}
     table["baselines"] = {"popularity": results_table(popular)}
     write_results(table, run_dir / "eval")
     return table

@@ -73,8 +73,10 @@ def positive_ranks(
     scores = scores.float()
     n_pos = pos.sum(1)
     p_max = int(n_pos.max())
-    # column indices of the positives first (stable, so in column order), then the rest
-    order = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :p_max]  # [B, P]
+    if p_max == 1:  # one positive a row (the video task, a full ranking): its column, without sorting [B, N]
+        order = pos.to(torch.uint8).argmax(1, keepdim=True)  # [B, 1]: the first (only) True
+    else:  # column indices of the positives first (stable, so in column order), then the rest
+        order = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :p_max]  # [B, P]
     valid = torch.gather(pos, 1, order)  # [B, P]
     p_scores = torch.gather(scores, 1, order)  # [B, P]
     neg = cand & ~pos  # [B, N]

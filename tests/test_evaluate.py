@@ -89,6 +89,31 @@ def test_id_only_models_report_that_they_cannot_score_without_ids(run):
     assert "| video / IDs discarded | n/a: SASRec" in metrics_markdown(results_table({"video": res}))
 
 
+def test_evaluation_prints_progress_per_pass_with_rows_and_eta(run):
+    """Each pass (IDs as trained, all videos ranked; IDs discarded) prints rows scored out of the split's rows, and a
+    final line; a batch of 5 and a zero interval give a line per batch, so the counts are checkable by hand."""
+    model, _ = _with_ids_and_text_twin(run, "video")
+    lines: list[str] = []
+    res = evaluate_model(model, run / "data", "test", "video", batch_size=5, full_ranking=True, progress="ev",
+                         progress_every_s=1e-9, log=lines.append)
+    n = res["metrics"]["n"]
+    assert n == 12  # make_prepared's test split: 3 batches of 5, 5, 2
+    passes = {"ev (test, all videos ranked)": [], "ev (test, IDs discarded)": []}
+    for line in lines:
+        name = line.split(":")[0]
+        assert name in passes, line
+        passes[name].append(line)
+    for name, got in passes.items():
+        batches = -(-n // 5)
+        assert len(got) == batches + 1  # a line per batch (interval ~0), then the final one
+        assert f"step 1, 5/{n} rows" in got[0] and ", ETA " in got[0]
+        assert f"step {batches}, {n}/{n} rows" in got[-1] and " - done in " in got[-1]
+    silent: list[str] = []
+    assert evaluate_model(model, run / "data", "test", "video", batch_size=5, log=silent.append) == \
+        evaluate_model(model, run / "data", "test", "video", batch_size=5, progress="x", log=silent.append) \
+        and len(silent) >= 2 and all(s.startswith("x (test") for s in silent)  # progress changes no number
+
+
 # ------------------------------------------------------------------------------------------ popularity
 def test_popularity_counts_and_pessimistic_ties():
     b1 = {"target_video": torch.tensor([3, 3, 1, 0])}

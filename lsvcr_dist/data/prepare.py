@@ -73,7 +73,7 @@ def _ids_in_order(paths: list[Path]) -> bool:
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
-    """Parquet (the contract) plus an uncompressed Arrow IPC twin that ``TextTables`` memory-maps."""
+    """Parquet (the contract) plus an uncompressed Arrow IPC twin that ``tables.TextLookup`` memory-maps."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     feather.write_feather(table, path.with_suffix(".arrow"), compression="uncompressed")

@@ -1,7 +1,7 @@
 """Id -> text lookups over the prepared tables (``data/tables``), memory-mapped so 14M comments cost no RAM.
 
 Preparation writes each table twice: Parquet (the contract, any reader) and an uncompressed Arrow IPC twin
-(``.arrow``) that this module memory-maps. Rows are sorted by id and ids are dense from 1, so id ``i`` is row
+(``.arrow``) that ``TextLookup`` memory-maps. Rows are sorted by id and ids are dense from 1, so id ``i`` is row
 ``i - 1``; id 0 is padding and maps to ``""`` (text) or a row of 0s (popular comments).
 
 Text ids (ARCHITECTURE.md): title of video ``v`` is ``v``; comment ``c`` is ``num_videos + c``.
@@ -15,107 +15,114 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lsvcr_dist.data.manifest import read_manifest
-from lsvcr_dist.schema import COMMENT_TABLE, VIDEO_TABLE, SchemaError, fixed_list_to_numpy, validate_schema
+from lsvcr_dist.schema import SchemaError, fixed_list_to_numpy
 
 
-def _open_table(data_dir: Path, rel_parquet: str, rel_arrow: str | None) -> pa.Table:
-    """Memory-map the IPC twin if present, else read the Parquet file."""
-    if rel_arrow and (data_dir / rel_arrow).is_file():
-        source = pa.memory_map(str(data_dir / rel_arrow), "r")
-        return pa.ipc.open_file(source).read_all()
-    return pq.read_table(data_dir / rel_parquet)
+def _read_columns(path: Path, columns: list[str]) -> pa.Table:
+    """``columns`` of a prepared table: memory-mapped from its uncompressed Arrow IPC twin (``.arrow``, written by
+    preparation) when present, so every process on a node shares one page-cached copy; else read from Parquet."""
+    twin = path.with_suffix(".arrow")
+    if twin.is_file():
+        return pa.ipc.open_file(pa.memory_map(str(twin), "r")).read_all().select(columns)
+    return pq.read_table(path, columns=columns)
 
 
-class TextTables:
-    """Titles, comment texts and popular comments by id.
+def _dense_strings(path: Path, id_col: str, text_col: str, count: int) -> pa.ChunkedArray:
+    """Strings of a table by dense id: ``out[i - 1]`` = text of id ``i``, for ids ``1..count``.
 
-    Attributes:
-        num_videos: videos (ids ``1..num_videos``).
-        num_comments: comments (ids ``1..num_comments``).
-        num_popular: P, popular comments kept per video.
+    Prepared tables are sorted by id, so the column is returned as it is (zero-copy over the memory map: 14M
+    comments cost no private memory per worker); any other order is gathered once into a copy.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: table missing (run prepare_data first)")
+    table = _read_columns(path, [id_col, text_col])
+    ids = table.column(id_col).to_numpy()
+    in_order = np.array_equal(ids, np.arange(1, count + 1))  # prepared tables; O(N) where np.unique sorts
+    if not in_order and (len(ids) != count or (count and (ids.min() < 1 or ids.max() > count))
+                         or (count and np.bincount(ids, minlength=count + 1)[1:].max() > 1)):
+        raise SchemaError(
+            f"{path}: column '{id_col}' must hold each id 1..{count} exactly once (found {len(ids)} rows, "
+            f"range {ids.min() if len(ids) else '-'}..{ids.max() if len(ids) else '-'})")
+    text = table.column(text_col)
+    if text.null_count:
+        row = int(np.flatnonzero(text.is_null().to_numpy(zero_copy_only=False))[0])
+        raise SchemaError(f"{path}: column '{text_col}' is null at row {row} ({id_col}={ids[row]})")
+    if in_order:
+        return text
+    return pa.chunked_array([text.take(pa.array(np.argsort(ids))).combine_chunks()])
+
+
+class _Strings:
+    """Row -> string over a chunked string column (the memory-mapped table's record batches), row by row:
+    ``ChunkedArray.take`` scans every chunk per call (0.2 s for 64 rows of the paper's 14M comments in 227 chunks),
+    a scalar lookup finds its chunk by bisection (~5 us)."""
+
+    def __init__(self, col: pa.ChunkedArray) -> None:
+        self.col = col
+
+    def __getitem__(self, row: int) -> str:
+        return self.col[int(row)].as_py()
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        """Strings at ``rows`` ``[N]`` (0-based), in order."""
+        return [self.col[int(r)].as_py() for r in rows]
+
+
+class TextLookup:
+    """Titles and comment texts by id from ``data_dir/tables/{videos,comments}`` (memory-mapped, see
+    ``_dense_strings``).
+
+    Args:
+        data_dir: prepared data folder (``run_dir/data``).
+        num_videos: V.
+        num_comments: C.
     """
 
-    def __init__(self, videos: pa.Table, comments: pa.Table, source: str = "tables"):
-        self.videos = videos
-        self.comments = comments
-        self.num_videos = videos.num_rows
-        self.num_comments = comments.num_rows
-        for name, t, col in (("videos", videos, "video_id"), ("comments", comments, "comment_id")):
-            ids = t.column(col)
-            if t.num_rows and (ids[0].as_py() != 1 or ids[t.num_rows - 1].as_py() != t.num_rows):
-                raise SchemaError(f"{source}/{name}: ids must be dense 1..{t.num_rows} in row order")
-        p = videos.schema.field("popular_comments").type.list_size
-        self.num_popular = p
-        self._popular = np.zeros((self.num_videos + 1, p), np.int64)
-        self._popular[1:] = fixed_list_to_numpy(videos.column("popular_comments"), (p,))
-        self._titles = videos.column("title")
-        self._texts = comments.column("text")
-        self._comment_video = comments.column("video_id")
+    def __init__(self, data_dir: str | Path, num_videos: int, num_comments: int) -> None:
+        tables = Path(data_dir) / "tables"
+        self.num_videos, self.num_comments = int(num_videos), int(num_comments)
+        self.titles = _Strings(_dense_strings(tables / "videos.parquet", "video_id", "title", self.num_videos))
+        self.comments = _Strings(_dense_strings(tables / "comments.parquet", "comment_id", "text", self.num_comments))
 
-    @classmethod
-    def load(cls, data_dir: str | Path) -> "TextTables":
-        """Open the tables of a prepared ``data_dir`` (``run_dir/data``) listed in its manifest.
+    def title(self, video_id: int) -> str:
+        """Title of a video id ``1..V`` (0 -> "").
 
         Raises:
-            ManifestError: no manifest.
-            SchemaError: a table's columns differ from ``schema.VIDEO_TABLE``/``COMMENT_TABLE`` or its row count
-                from the manifest (the file is named).
+            ValueError: an id outside ``0..V`` (names it).
         """
-        data_dir = Path(data_dir)
-        manifest = read_manifest(data_dir)
-        t = manifest["tables"]
-        videos = _open_table(data_dir, t["videos"], t.get("videos_arrow"))
-        comments = _open_table(data_dir, t["comments"], t.get("comments_arrow"))
-        validate_schema(videos.schema, VIDEO_TABLE, {"P": manifest["dims"]["P"]}, source=str(data_dir / t["videos"]))
-        validate_schema(comments.schema, COMMENT_TABLE, source=str(data_dir / t["comments"]))
-        for name, table, key in (("videos", videos, "num_videos"), ("comments", comments, "num_comments")):
-            if table.num_rows != manifest[key]:
-                raise SchemaError(f"{data_dir / t[name]}: {table.num_rows} rows, manifest {key}={manifest[key]}")
-        return cls(videos, comments, source=str(data_dir))
+        if not 0 <= int(video_id) <= self.num_videos:
+            raise ValueError(f"video id {int(video_id)} outside 0..{self.num_videos}")
+        return self.titles[int(video_id) - 1] if video_id else ""
 
-    # ------------------------------------------------------------------------------------------- lookups
-    def _rows(self, ids, n: int, what: str) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = (ids < 0) | (ids > n)
+    def comment(self, comment_id: int) -> str:
+        """Text of a comment id ``1..C`` (0 -> "").
+
+        Raises:
+            ValueError: an id outside ``0..C`` (names it).
+        """
+        if not 0 <= int(comment_id) <= self.num_comments:
+            raise ValueError(f"comment id {int(comment_id)} outside 0..{self.num_comments}")
+        return self.comments[int(comment_id) - 1] if comment_id else ""
+
+    def texts(self, text_ids: np.ndarray) -> list[str]:
+        """Texts of text ids (title of v is id v, comment c is ``V + c``; 0 -> "").
+
+        Raises:
+            ValueError: an id beyond ``V + C`` or negative (names it).
+        """
+        t = np.asarray(text_ids, dtype=np.int64).reshape(-1)
+        bad = (t < 0) | (t > self.num_videos + self.num_comments)
         if bad.any():
-            raise KeyError(f"unknown {what} id {int(ids[bad][0])} (valid 1..{n}, 0 = padding)")
-        return ids
+            raise ValueError(f"text id {int(t[bad][0])} outside 0..{self.num_videos + self.num_comments}")
+        is_title = (t > 0) & (t <= self.num_videos)
+        is_comment = t > self.num_videos
+        out = np.full(len(t), "", dtype=object)
+        if is_title.any():
+            out[is_title] = self.titles.take(t[is_title] - 1)
+        if is_comment.any():
+            out[is_comment] = self.comments.take(t[is_comment] - self.num_videos - 1)
+        return out.tolist()
 
-    @staticmethod
-    def _take(col: pa.ChunkedArray, ids: np.ndarray) -> list[str]:
-        out = col.take(pa.array(np.maximum(ids - 1, 0))).to_pylist() if len(ids) else []
-        return [s if i > 0 else "" for s, i in zip(out, ids.tolist())]
-
-    def titles(self, video_ids) -> list[str]:
-        """Titles of ``video_ids`` (any shape, flattened; 0 -> ``""``)."""
-        return self._take(self._titles, self._rows(video_ids, self.num_videos, "video"))
-
-    def comment_texts(self, comment_ids) -> list[str]:
-        """Texts of ``comment_ids`` (flattened; 0 -> ``""``)."""
-        return self._take(self._texts, self._rows(comment_ids, self.num_comments, "comment"))
-
-    def comment_videos(self, comment_ids) -> np.ndarray:
-        """Video of each comment ``[N]`` (0 for padding)."""
-        ids = self._rows(comment_ids, self.num_comments, "comment")
-        vids = self._comment_video.take(pa.array(np.maximum(ids - 1, 0))).to_numpy() if len(ids) else ids
-        return np.where(ids > 0, vids, 0)
-
-    def popular_comments(self, video_ids) -> np.ndarray:
-        """Popular comment ids ``[N, P]`` (by popularity, 0-padded) of ``video_ids`` ``[N]``."""
-        return self._popular[self._rows(video_ids, self.num_videos, "video")]
-
-    def texts(self, text_ids) -> list[str]:
-        """Texts of unified text ids (``v`` = title of video v, ``num_videos + c`` = comment c, 0 = ``""``)."""
-        ids = self._rows(text_ids, self.num_videos + self.num_comments, "text")
-        out = [""] * len(ids)
-        is_title = (ids > 0) & (ids <= self.num_videos)
-        is_comment = ids > self.num_videos
-        for pos, s in zip(np.flatnonzero(is_title), self.titles(ids[is_title])):
-            out[pos] = s
-        for pos, s in zip(np.flatnonzero(is_comment), self.comment_texts(ids[is_comment] - self.num_videos)):
-            out[pos] = s
-        return out
 
 
 def load_popular_comments(data_dir: str | Path, num_videos: int) -> np.ndarray:

@@ -180,7 +180,9 @@ def setup(config: dict) -> FinetuneWorker:
 def validate(w: FinetuneWorker, epoch: int, train_metrics: dict) -> bool:
     """Rank 0: val metrics, best-model save, log line; returns whether this epoch improved."""
     data_dir = Path(w.cfg.run_dir) / "data"
-    res = evaluate_model(w.model, data_dir, "val", w.task, batch_size=VAL_BATCH, subsets=False)["metrics"]
+    res = evaluate_model(w.model, data_dir, "val", w.task, batch_size=VAL_BATCH, subsets=False,
+                         progress=f"finetune {w.task} validation epoch {epoch}",
+                         progress_every_s=w.cfg.progress_every_s)["metrics"]
     improved = w.sel.update(res)
     if improved:
         save_best(w.out_dir / "best", w.model, w.cfg, w.build_args, {"epoch": epoch, "val": res},

@@ -131,7 +131,8 @@ def setup(config: dict) -> tuple[Worker, Position]:
     tok, model = build_align_model(cfg, nv, text_table, base_text_norm(cfg))
     encode = None
     if cfg.text_source == "online":
-        from lsvcr_dist.data.transforms import TextLookup, TextTokenizer
+        from lsvcr_dist.data.tables import TextLookup
+        from lsvcr_dist.data.transforms import TextTokenizer
 
         encode = TextTokenizer(tok, TextLookup(data_dir, nv, nc), cfg.llm.max_text_len).tokenize
     engine, ds_cfg = initialize_engine(model, cfg, world, device.type, total_steps=cfg.max_steps)

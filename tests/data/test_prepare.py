@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -280,25 +279,31 @@ def test_prepare_job_rejects_unknown_key(tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_text_tables_against_raw(tiny_prepared):
-    """TextTables: titles, comment texts, unified text ids, popular comments = top-P by (popularity desc, id)."""
+    """The prepared tables: titles, comment texts, unified text ids (``TextLookup`` over the Arrow twins) and popular
+    comments = top-P by (popularity desc, id)."""
     from lsvcr_dist.data.raw import read_raw_table
-    from lsvcr_dist.data.tables import TextTables
+    from lsvcr_dist.data.tables import TextLookup, load_popular_comments
 
     run_dir, _, _ = tiny_prepared
-    tt = TextTables.load(Path(run_dir) / "data")
+    data = Path(run_dir) / "data"
+    assert (data / "tables" / "comments.arrow").is_file()  # the mapped path, not the Parquet fallback
+    tt = TextLookup(data, 400, 4000)
     videos = read_raw_table(Path(run_dir) / "raw", "videos").to_pydict()
     comments = read_raw_table(Path(run_dir) / "raw", "comments").to_pydict()
     title = dict(zip(videos["video_id"], videos["title"]))
     text = dict(zip(comments["comment_id"], comments["text"]))
-    assert (tt.num_videos, tt.num_comments, tt.num_popular) == (400, 4000, 10)
-    assert tt.titles([3, 0, 400]) == [title[3], "", title[400]]
-    assert tt.comment_texts(np.array([[1, 4000]])) == [text[1], text[4000]]
-    assert tt.texts([0, 7, 400 + 9]) == ["", title[7], text[9]]
+    assert [tt.title(3), tt.title(0), tt.title(400)] == [title[3], "", title[400]]
+    assert [tt.comment(1), tt.comment(4000)] == [text[1], text[4000]]
+    assert tt.texts(np.array([0, 7, 400 + 9, 400 + 4000])) == ["", title[7], text[9], text[4000]]
+    popular = load_popular_comments(data, 400)
+    assert popular.shape == (401, 10) and not popular[0].any()
     by_video: dict[int, list] = {}
     for c, v, p in zip(comments["comment_id"], comments["video_id"], comments["popularity"]):
         by_video.setdefault(v, []).append((-p, c))
     for v in (1, 2, 57, 400):
         want = [c for _, c in sorted(by_video.get(v, []))[:10]]
-        assert tt.popular_comments([v])[0].tolist() == want + [0] * (10 - len(want))
-    with pytest.raises(KeyError, match="unknown video id 401"):
-        tt.titles([401])
+        assert popular[v].tolist() == want + [0] * (10 - len(want))
+    with pytest.raises(ValueError, match="video id 401 outside 0..400"):
+        tt.title(401)
+    with pytest.raises(ValueError, match="comment id -1 outside 0..4000"):
+        tt.comment(-1)

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _llm_fakes import NV, instance_table, instances, make_data_dir  # noqa: E402
 
 from lsvcr_dist import schema  # noqa: E402
-from lsvcr_dist.data.transforms import AlignTransform, TextLookup, TextTokenizer  # noqa: E402
+from lsvcr_dist.data.tables import TextLookup  # noqa: E402
+from lsvcr_dist.data.transforms import AlignTransform, TextTokenizer  # noqa: E402
 
 LLM = {"max_prompt_len": 300, "max_target_len": 8, "max_text_len": 6}
 OFF = {"enabled": False}
