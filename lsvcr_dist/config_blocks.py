@@ -303,10 +303,14 @@ class IngestConfig:
     """Windows (batches when ``shuffle_window`` is 0) prefetched per worker."""
     epoch_draws: int = 1
     """Distinct ComDiv/popular-comment draws: epoch e streams draw ``e % epoch_draws`` (one dataset per draw)."""
+    cache_mb: int = 256
+    """Per worker and dataset: after a complete epoch whose windows fit in this many MiB on every worker, later
+    epochs replay them from memory instead of restarting the Ray Data pipeline (``data/epoch_cache.py``; the same
+    batches, since the window permutation comes after). 0 = stream every epoch. Applies when ``shuffle_window`` > 0."""
 
     def __post_init__(self) -> None:
         check_choices(self)
-        at_least(self, 0, "shuffle_seed", "shuffle_window", "prefetch_batches")
+        at_least(self, 0, "shuffle_seed", "shuffle_window", "prefetch_batches", "cache_mb")
         at_least(self, 1, "epoch_draws")
 
 

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from lsvcr_dist.data.epoch_cache import EpochCache
 from lsvcr_dist.data.manifest import dims_of, read_manifest, shard_files
 from lsvcr_dist.data.shards import WDS_SUFFIX, ShardError, check_parquet_file, check_wds_file, decode_records, \
     flatten_nested, records_to_table
@@ -299,7 +300,7 @@ def epoch_generator(seed: int, epoch: int, rank: int) -> np.random.Generator:
 
 def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, window: int = 4096, rank: int = 0,
                    collate_fn=None, dtypes: dict | None = None, prefetch_batches: int = 2, drop_last: bool = True,
-                   device: str = "auto", dims: dict | None = None):
+                   device: str = "auto", dims: dict | None = None, cache: EpochCache | None = None):
     """One epoch over a worker's dataset shard (``ray.train.get_dataset_shard(name)``): the training loops' only
     way to read data (see the module docstring for why this shuffle).
 
@@ -322,6 +323,9 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, window: int = 
         drop_last: drop the last partial batch (every worker takes the same number of steps).
         device: where Ray moves the tensors (``auto``: the worker's GPU if any).
         dims: manifest dims (INSTANCE rows: ``comment_hist_comments`` as ``[B, L, K]``).
+        cache: the worker's ``EpochCache`` for this shard (kept across epochs): replays the windows of a complete
+            pass instead of starting the pipeline again; the per-epoch permutation is applied after it, so a
+            replayed epoch is the streamed one. Used only when ``window`` > 0.
 
     Returns:
         An iterable of ``{column: torch.Tensor}`` batches of ``batch_size`` rows.
@@ -332,7 +336,10 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, window: int = 
     if window <= 0:
         return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, **kw)
     window = -(-max(window, batch_size) // batch_size) * batch_size
-    windows = shard.iter_torch_batches(batch_size=window, drop_last=False, **kw)
+    def stream():
+        return shard.iter_torch_batches(batch_size=window, drop_last=False, **kw)
+
+    windows = stream() if cache is None else cache.wrap(stream)
     return shuffled_batches(windows, batch_size, epoch_generator(seed, epoch, rank), drop_last)
 
 
@@ -359,23 +366,33 @@ def probe_loop(config: dict) -> None:
 
     Per epoch each worker writes ``out_dir/rank{r}_epoch{e}.json`` with rows, batches, seconds, time to the
     first batch and (``record_keys``) the ``(user_id, timestamp, task, sum of comment_hist_comments)`` of every row
-    in the order seen. Config keys: ``out_dir``, ``batch_size``, ``epochs``, ``seed``, ``shuffle_window``,
-    ``dims``, ``record_keys``, ``dataset`` (default ``train``).
+    in the order seen, and whether the epoch was ``replayed`` from the ``EpochCache``. Config keys: ``out_dir``,
+    ``batch_size``, ``epochs``, ``seed``, ``shuffle_window``, ``dims``, ``record_keys``, ``dataset`` (default
+    ``train``), ``cache_mb`` (default 0: stream every epoch).
     """
     import json
     import time
 
     import ray.train
+    import torch
+    import torch.distributed as dist
+
+    def agree(ok: bool) -> bool:  # the training loops' all_true, kept here so data/ never imports train/
+        t = torch.tensor([int(ok)])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
     rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard(config.get("dataset", "train"))
     out = Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    cache = EpochCache(int(config.get("cache_mb", 0)))
     for epoch in range(int(config.get("epochs", 1))):
         t0 = time.perf_counter()
-        keys, rows, batches, first = [], 0, 0, None
+        keys, rows, batches, first, replayed = [], 0, 0, None, cache.replaying
         for batch in epoch_iterator(shard, int(config["batch_size"]), epoch, int(config.get("seed", 0)),
-                                    int(config.get("shuffle_window", 0)), rank, dims=config.get("dims")):
+                                    int(config.get("shuffle_window", 0)), rank, dims=config.get("dims"),
+                                    cache=cache):
             if first is None:
                 first = time.perf_counter() - t0
             n = int(batch["user_id"].shape[0])
@@ -385,6 +402,8 @@ def probe_loop(config: dict) -> None:
                 sums = chc.reshape(n, -1).sum(1).tolist()
                 keys += [[int(u), int(t), int(k), int(s), list(chc.shape[1:])] for u, t, k, s in
                          zip(batch["user_id"].tolist(), batch["timestamp"].tolist(), batch["task"].tolist(), sums)]
+        if not cache.decided:
+            cache.settle(agree)
         rec = {"rank": rank, "epoch": epoch, "rows": rows, "batches": batches, "seconds": time.perf_counter() - t0,
-               "first_batch_s": first, "keys": keys}
+               "first_batch_s": first, "replayed": replayed, "keys": keys}
         (out / f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(rec))

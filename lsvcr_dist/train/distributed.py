@@ -119,6 +119,15 @@ def broadcast_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (a MIN all-reduce; ``flag`` itself without a process group)."""
+    if not _active():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's picklable ``obj`` in rank order (``[obj]`` without a process group)."""
     if not _active():

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from lsvcr_dist.config import FinetuneStageConfig, from_dict, to_dict
+from lsvcr_dist.data.epoch_cache import EpochCache
 from lsvcr_dist.data.ft_transforms import FinetuneTransform
 from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
 from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best, store_dir
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
 from lsvcr_dist.progress import Progress, emit
-from lsvcr_dist.train.distributed import all_reduce_mean, broadcast_flag, rank, world_size
+from lsvcr_dist.train.distributed import all_reduce_mean, all_true, broadcast_flag, rank, world_size
 from lsvcr_dist.train.engine import make_adamw
 
 VAL_BATCH = 256
@@ -242,9 +243,13 @@ def train_loop_per_worker(config: dict) -> None:
     if rank() == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(w, 0, {"loss": None})
+    cache = EpochCache(cfg.ingest.cache_mb if cfg.ingest.shuffle_window > 0 else 0)
     for epoch in range(1, cfg.max_epochs + 1):
-        batches = epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims, cfg.max_steps_per_epoch)
+        batches = epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims, cfg.max_steps_per_epoch,
+                                cache)
         train_metrics = train_epoch(w, batches, epoch, epoch_steps, per_worker * world_size())
+        if not cache.decided and cache.settle(all_true) and rank() == 0:  # every rank decides alike, together
+            emit(f"finetune {w.task}: later epochs replay {cache.bytes / 2**20:.1f} MiB per worker from memory")
         stop = False
         if rank() == 0:
             ddp.eval()
@@ -258,19 +263,20 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def epoch_batches(shard, cfg: FinetuneStageConfig, transform: FinetuneTransform, epoch: int, batch_size: int,
-                  worker_rank: int, dims: dict, max_steps: int = 0):
+                  worker_rank: int, dims: dict, max_steps: int = 0, cache: EpochCache | None = None):
     """The training batches of one epoch on this worker: INSTANCE rows in ``ingest.epoch_iterator`` order (the
     prepared global order, windows permuted by ``(seed, epoch, rank)``), then ``FinetuneTransform`` with this
     epoch's popular-comment draw, as int64 tensors ``{key: [B, ...]}`` of ``schema.FINETUNE_BATCH``.
 
     ``max_steps`` > 0 stops after that many batches and closes the shard's iterator (every worker stops at the same
-    step, so the DDP steps stay paired); 0 reads the whole epoch."""
+    step, so the DDP steps stay paired); 0 reads the whole epoch. ``cache``: the worker's ``EpochCache`` (kept
+    across epochs; the loop settles it after each epoch)."""
     from lsvcr_dist.data.ingest import epoch_iterator, shuffle_seed
 
     draw = transform.with_epoch(epoch)
     stream = iter(epoch_iterator(shard, batch_size, epoch, shuffle_seed(cfg), cfg.ingest.shuffle_window, worker_rank,
                                  prefetch_batches=cfg.ingest.prefetch_batches, drop_last=True, device="cpu",
-                                 dims=dims))
+                                 dims=dims, cache=cache))
     try:
         for rows in itertools.islice(stream, max_steps) if max_steps else stream:
             out = draw({k: v.numpy() for k, v in rows.items()})

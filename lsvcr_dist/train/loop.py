@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lsvcr_dist.config import AlignStageConfig, from_dict
+from lsvcr_dist.data.epoch_cache import EpochCache
 from lsvcr_dist.losses import AlignmentLoss
 from lsvcr_dist.train.align_step import (
     micro_step,
@@ -101,6 +102,8 @@ class Worker:
     """The data manifest copied into every checkpoint."""
     fault_inject: str = ""
     """``step:N`` test hook (see ``maybe_inject_fault``); empty = off."""
+    caches: dict[str, EpochCache] = field(default_factory=dict)
+    """Per dataset name: the epochs of that draw replayed from memory once a complete pass fit ``ingest.cache_mb``."""
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -245,13 +248,19 @@ def _batches(w: Worker, epoch: int):
     permuted by ``(seed, epoch, rank)``), stopping when any rank runs out so all ranks take the same steps."""
     from lsvcr_dist.data.ingest import epoch_iterator, shuffle_seed
 
-    shard = ray.train.get_dataset_shard(dataset_name(epoch, w.cfg.ingest.epoch_draws))
+    name = dataset_name(epoch, w.cfg.ingest.epoch_draws)
+    shard = ray.train.get_dataset_shard(name)
     ing = w.cfg.ingest
+    cache = w.caches.setdefault(name, EpochCache(ing.cache_mb))
     it = iter(epoch_iterator(shard, w.cfg.deepspeed.micro_batch, epoch, shuffle_seed(w.cfg), ing.shuffle_window,
-                             w.rank, prefetch_batches=ing.prefetch_batches, drop_last=True))
+                             w.rank, prefetch_batches=ing.prefetch_batches, drop_last=True, cache=cache))
     while True:
         batch = next(it, None)
         if not _all_have_batch(batch is not None, w.device):
+            # every rank is here together (the collective above), so they can agree whether later epochs replay
+            if ing.shuffle_window > 0 and not cache.decided:
+                if cache.settle(lambda ok: _all_have_batch(ok, w.device)) and w.rank == 0:
+                    print(f"[align] {name}: later epochs replay {cache.bytes / 2**20:.1f} MiB per worker from memory")
             return
         yield batch
 

@@ -107,7 +107,8 @@ def test_formats_equal_and_epoch_order_seeded(tiny_prepared):
 @pytest.mark.timeout(900)
 def test_two_worker_ingest_every_row_once(tiny_prepared, tmp_path):
     """TorchTrainer, 2 workers x 0.5 CPU: per epoch the workers see disjoint rows covering the split exactly once,
-    the same number of batches, intact [L, K] comment histories, and a different order in epoch 1."""
+    the same number of batches, intact [L, K] comment histories, and a different order in epoch 1, which both
+    workers replay from their ``EpochCache`` (the epoch-cache unit tests show a replay equals a fresh stream)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -128,12 +129,13 @@ def test_two_worker_ingest_every_row_once(tiny_prepared, tmp_path):
     trainer = TorchTrainer(
         probe_loop,
         train_loop_config={"out_dir": str(out), "batch_size": bs, "epochs": 2, "seed": 11, "shuffle_window": 128,
-                           "dims": m["dims"]},
+                           "dims": m["dims"], "cache_mb": 64},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         datasets={"train": read_instances(data, "val")}, dataset_config=ingest_data_config(),
         run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="ingest_probe"))
     trainer.fit()
     recs = {(r, e): json.loads((out / f"rank{r}_epoch{e}.json").read_text()) for r in (0, 1) for e in (0, 1)}
+    assert [recs[(r, e)]["replayed"] for r in (0, 1) for e in (0, 1)] == [False, True, False, True]
     for e in (0, 1):
         k0, k1 = recs[(0, e)]["keys"], recs[(1, e)]["keys"]
         assert recs[(0, e)]["batches"] == recs[(1, e)]["batches"] == n // 2 // bs
