@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _ray_order import preserve_order
 
 from lsvcr_dist.data.ingest import read_instances, to_numpy_batch, validate_shards
 from lsvcr_dist.data.manifest import ManifestError, read_manifest
@@ -81,9 +82,7 @@ def test_formats_equal_and_epoch_order_seeded(tiny_prepared):
 
     run_dir, _, _ = tiny_prepared
     data = Path(run_dir) / "data"
-    ctx = ray.data.DataContext.get_current()
-    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
+    with preserve_order():
         a = pa.concat_tables(ray.get(read_instances(data, "val").to_arrow_refs()))
         b = pa.concat_tables(ray.get(read_instances(data, "val", fmt="webdataset").to_arrow_refs()))
         assert a.num_rows == sum(read_manifest(data)["splits"]["val"].values()) and a.equals(b)
@@ -99,8 +98,6 @@ def test_formats_equal_and_epoch_order_seeded(tiny_prepared):
 
         e0, e0_again, e1, r1 = order(0, 3), order(0, 3), order(1, 3), order(0, 3, rank=1)
         assert e0 == e0_again and e0 != e1 and e0 != r1 and sorted(e0) == sorted(e1)
-    finally:
-        ctx.execution_options.preserve_order = old
 
 
 @pytest.mark.ray
@@ -169,8 +166,6 @@ def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
     """The train split is written in its seeded global order: batches of 16 consecutive rows hold about 15 users
     (val, written in (user, time) order, a few), the same rows for the same (seed, epoch) and in another order
     for the next epoch; a train split without that order is refused, naming the manifest."""
-    import ray
-
     from lsvcr_dist.data.ingest import TRAIN_ORDER, epoch_iterator
 
     run_dir, _, _ = tiny_prepared
@@ -185,9 +180,7 @@ def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
 
     # val holds a few rows per user in (user, time) order: about 4 users per 16 rows on tiny, against ~15 in train
     assert users_per_batch("train") >= 14.0 > 3 * users_per_batch("val")
-    ctx = ray.data.DataContext.get_current()
-    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
+    with preserve_order():
         ds = read_instances(data, "train", tasks=["video"])
 
         def stream(epoch):
@@ -197,8 +190,6 @@ def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
                     for u, t in zip(bt["user_id"], bt["timestamp"])]
 
         e0, e0_again, e1 = stream(0), stream(0), stream(1)
-    finally:
-        ctx.execution_options.preserve_order = old
     assert e0 == e0_again and e0 != e1 and sorted(e0) == sorted(e1)
     assert np.mean([len({u for u, _ in e0[i:i + 16]}) for i in range(0, len(e0), 16)]) >= 14.0
     old_data = tmp_path / "user_ordered"

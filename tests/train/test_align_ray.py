@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ray_order import preserve_order
 from safetensors.torch import load_file
 
 from lsvcr_dist.config import load_config
@@ -39,7 +40,6 @@ def _rows(run_dir, n):
     """n INSTANCE rows, half per task, each with >= 2 records in both histories, so every SR module (F_c, the
     comment encoder's attention, cross-fusion) gets a gradient; deterministic order (preserve_order)."""
     import pyarrow.compute as pc
-    import ray.data
 
     from lsvcr_dist.data.ingest import read_instances
 
@@ -53,12 +53,8 @@ def _rows(run_dir, n):
     parts = [ds.map_batches(keep(t), batch_format="pyarrow").limit(n // 2) for t in (0, 1)]
     # Materialized once, in order: left lazy, every epoch re-reads and re-filters the whole train split (about 15 s
     # an epoch here, and these runs take one step per epoch).
-    ctx = ray.data.DataContext.get_current()
-    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
+    with preserve_order():
         return parts[0].union(parts[1]).materialize()
-    finally:
-        ctx.execution_options.preserve_order = old
 
 
 def _lines(run_dir, name="metrics.jsonl"):
