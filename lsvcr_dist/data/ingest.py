@@ -336,6 +336,7 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, window: int = 
     if window <= 0:
         return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, **kw)
     window = -(-max(window, batch_size) // batch_size) * batch_size
+
     def stream():
         return shard.iter_torch_batches(batch_size=window, drop_last=False, **kw)
 
