@@ -119,11 +119,12 @@ def broadcast_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-def all_true(flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank (a MIN all-reduce; ``flag`` itself without a process group)."""
+def all_true(flag: bool, device: torch.device | str | None = None) -> bool:
+    """Whether ``flag`` holds on every rank (a MIN all-reduce of a tensor on ``device``, which must suit the process
+    group's backend: the GPU under NCCL; ``flag`` itself without a process group)."""
     if not _active():
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 

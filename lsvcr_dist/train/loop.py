@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray.train
 import torch
-import torch.distributed as dist
 
 from lsvcr_dist.config import AlignStageConfig, from_dict
 from lsvcr_dist.data.epoch_cache import EpochCache
@@ -39,7 +38,7 @@ from lsvcr_dist.train.align_step import (
     trim_text,
 )
 from lsvcr_dist.train.checkpoint import base_fingerprint, read_state, restore_checkpoint, save_checkpoint, write_final
-from lsvcr_dist.train.distributed import barrier
+from lsvcr_dist.train.distributed import all_true, barrier
 from lsvcr_dist.train.grad_cache import Micro, grad_cache_step
 
 if TYPE_CHECKING:
@@ -235,14 +234,6 @@ def checkpoint(w: Worker, pos: Position, metrics: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ loop
-def _all_have_batch(has: bool, device) -> bool:
-    """True when every rank got a micro-batch (equal steps on all ranks, so no rank waits in a collective)."""
-    t = torch.tensor([1 if has else 0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def _batches(w: Worker, epoch: int):
     """Micro-batches of ``epoch`` on this worker (``ingest.epoch_iterator``: the prepared global order, windows
     permuted by ``(seed, epoch, rank)``), stopping when any rank runs out so all ranks take the same steps."""
@@ -256,10 +247,10 @@ def _batches(w: Worker, epoch: int):
                              w.rank, prefetch_batches=ing.prefetch_batches, drop_last=True, cache=cache))
     while True:
         batch = next(it, None)
-        if not _all_have_batch(batch is not None, w.device):
+        if not all_true(batch is not None, w.device):  # equal steps on all ranks: none waits in a collective
             # every rank is here together (the collective above), so they can agree whether later epochs replay
             if ing.shuffle_window > 0 and not cache.decided:
-                if cache.settle(lambda ok: _all_have_batch(ok, w.device)) and w.rank == 0:
+                if cache.settle(lambda ok: all_true(ok, w.device)) and w.rank == 0:
                     print(f"[align] {name}: later epochs replay {cache.bytes / 2**20:.1f} MiB per worker from memory")
             return
         yield batch
