@@ -325,7 +325,7 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, window: int = 
         dims: manifest dims (INSTANCE rows: ``comment_hist_comments`` as ``[B, L, K]``).
         cache: the worker's ``EpochCache`` for this shard (kept across epochs): replays the windows of a complete
             pass instead of starting the pipeline again; the per-epoch permutation is applied after it, so a
-            replayed epoch is the streamed one. Used only when ``window`` > 0.
+            replayed epoch is the streamed one. ``window`` 0 turns it off.
 
     Returns:
         An iterable of ``{column: torch.Tensor}`` batches of ``batch_size`` rows.
@@ -334,6 +334,8 @@ def epoch_iterator(shard, batch_size: int, epoch: int, seed: int, window: int = 
         collate_fn, dtypes = InstanceCollate(dtypes, dims=dims), None
     kw = dict(prefetch_batches=prefetch_batches, collate_fn=collate_fn, dtypes=dtypes, device=device)
     if window <= 0:
+        if cache is not None:  # stream order hands out the windows themselves: no copy to replay safely
+            cache.off = True  # a config decision, so every worker takes it alike and settle needs no collective
         return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, **kw)
     window = -(-max(window, batch_size) // batch_size) * batch_size
 

@@ -243,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank() == 0:  # epoch 0 = the model before fine-tuning (aligned init), the reference for "did it learn"
         ddp.eval()
         validate(w, 0, {"loss": None})
-    cache = EpochCache(cfg.ingest.cache_mb if cfg.ingest.shuffle_window > 0 else 0)
+    cache = EpochCache(cfg.ingest.cache_mb)
     for epoch in range(1, cfg.max_epochs + 1):
         batches = epoch_batches(shard, cfg, transform, epoch, per_worker, rank(), dims, cfg.max_steps_per_epoch,
                                 cache)

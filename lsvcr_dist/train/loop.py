@@ -249,7 +249,7 @@ def _batches(w: Worker, epoch: int):
         batch = next(it, None)
         if not all_true(batch is not None, w.device):  # equal steps on all ranks: none waits in a collective
             # every rank is here together (the collective above), so they can agree whether later epochs replay
-            if ing.shuffle_window > 0 and not cache.decided:
+            if not cache.decided:
                 if cache.settle(lambda ok: all_true(ok, w.device)) and w.rank == 0:
                     print(f"[align] {name}: later epochs replay {cache.bytes / 2**20:.1f} MiB per worker from memory")
             return

@@ -83,5 +83,11 @@ def test_zero_budget_streams_and_negative_budget_is_refused():
     epoch(shard, 0, cache)
     epoch(shard, 1, cache)
     assert shard.passes == 2
+    # shuffle window 0 (stream order) turns a cache off before any pass, so no worker calls the collective
+    shard, cache = FakeShard(), EpochCache(1)
+    for e in (0, 1):
+        list(epoch_iterator(shard, 4, e, 7, 0, 0, cache=cache))
+    assert cache.off and shard.passes == 2
+    assert not cache.settle(lambda ok: pytest.fail("decided caches do not call the collective"))
     with pytest.raises(ValueError, match="max_mb must be >= 0, got -1"):
         EpochCache(-1)
