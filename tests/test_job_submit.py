@@ -156,8 +156,10 @@ def test_ray_job_submit_align_token_auth_two_cpus(tiny_encoded, tmp_path):
                                  capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and "no authentication token was found" in refused.stdout + refused.stderr
         sub_id = f"lsvcr-align-{os.getpid()}"
+        # a small window and 1 MiB blocks: the first step waits for 16 rows per worker, not the whole tiny split
         _submit(shlex.split(readme[3]), address, env, sub_id, [f"run_dir={run_dir}", "max_steps=3", "global_batch=8",
-                                                               "deepspeed.micro_batch=4", "checkpoint.every_steps=3"])
+                                                               "deepspeed.micro_batch=4", "checkpoint.every_steps=3",
+                                                               "ingest.shuffle_window=16", "ingest.block_mb=1"])
         # Poll through the job SDK (the CLI's status wording differs between Ray versions), token in the header.
         from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -47,7 +47,8 @@ def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_p
         (run / "embeddings" / "base").symlink_to(Path(data) / "embeddings" / "base")
         runs.append(run)
         cmd = [sys.executable, "jobs/align.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run}", "max_steps=2",
-               "scaling.num_workers=1", "global_batch=4", "deepspeed.micro_batch=4", "checkpoint.every_steps=2"]
+               "scaling.num_workers=1", "global_batch=4", "deepspeed.micro_batch=4", "checkpoint.every_steps=2",
+               "ingest.shuffle_window=16", "ingest.block_mb=1"]  # first step after 16 rows, not the whole split
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
                                       stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT))
     try:

@@ -184,6 +184,18 @@ def read_instances(data_dir: str | Path, split: str, fmt: str = "parquet", tasks
     return ds
 
 
+def with_block_size(ds, block_mb: int):
+    """``ds`` with Ray Data's target block size set to ``block_mb`` MiB for its whole plan (0: unchanged).
+
+    The dataset's own ``DataContext`` copy is changed, so other datasets of the process keep theirs. Outputs of a
+    map are cut at this size as they are produced, so a consumer gets the first rows after one block instead of
+    after the default 128 MiB.
+    """
+    if block_mb:
+        ds.context.target_max_block_size = block_mb << 20
+    return ds
+
+
 # --------------------------------------------------------------------------------------------------- batches
 def _fixed_shape(t: pa.DataType) -> tuple[int, ...]:
     shape = []

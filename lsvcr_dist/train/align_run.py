@@ -92,17 +92,17 @@ def build_align_dataset(cfg: AlignStageConfig, instances: Dataset | None = None,
     """
     import ray.data
 
-    from lsvcr_dist.data.ingest import read_instances
+    from lsvcr_dist.data.ingest import read_instances, with_block_size
 
     data_dir = Path(cfg.run_dir) / "data"
     # validate=False: validate_prepared already checked every shard on the driver.
     ds = read_instances(data_dir, "train", fmt=cfg.ingest.format, validate=False) if instances is None else instances
-    return ds.map_batches(
+    return with_block_size(ds.map_batches(
         StreamAlignTransform,
         fn_constructor_kwargs=dict(data_dir=str(data_dir), llm=asdict(cfg.llm), comdiv=asdict(cfg.comdiv),
                                    seed=cfg.seed, epoch=draw),
         batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
-    )
+    ), cfg.ingest.block_mb)
 
 
 def run_name(cfg: AlignStageConfig) -> str:

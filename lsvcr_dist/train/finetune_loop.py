@@ -290,9 +290,10 @@ def epoch_batches(shard, cfg: FinetuneStageConfig, transform: FinetuneTransform,
 def build_train_dataset(cfg: FinetuneStageConfig, task: str):
     """Streamed INSTANCE rows of one task's train split; ``FinetuneTransform`` runs in the worker, per epoch
     (``epoch_batches``), so each epoch draws its own popular comments without one dataset per epoch."""
-    from lsvcr_dist.data.ingest import read_instances
+    from lsvcr_dist.data.ingest import read_instances, with_block_size
 
-    return read_instances(str(Path(cfg.run_dir) / "data"), "train", cfg.ingest.format, tasks=[task])
+    ds = read_instances(str(Path(cfg.run_dir) / "data"), "train", cfg.ingest.format, tasks=[task])
+    return with_block_size(ds, cfg.ingest.block_mb)
 
 
 def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:

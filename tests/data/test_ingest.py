@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from _ray_order import preserve_order
 
-from lsvcr_dist.data.ingest import read_instances, to_numpy_batch, validate_shards
+from lsvcr_dist.data.ingest import read_instances, to_numpy_batch, validate_shards, with_block_size
 from lsvcr_dist.data.manifest import ManifestError, read_manifest
 from lsvcr_dist.data.shards import ShardError, flatten_nested
 from lsvcr_dist.schema import SchemaError, fixed_list_to_numpy
@@ -88,7 +88,7 @@ def test_formats_equal_and_epoch_order_seeded(tiny_prepared):
         assert a.num_rows == sum(read_manifest(data)["splits"]["val"].values()) and a.equals(b)
         c = pa.concat_tables(ray.get(read_instances(data, "val", tasks=["comment"]).to_arrow_refs()))
         assert set(c.column("task").to_pylist()) == {1} and c.num_rows == read_manifest(data)["splits"]["val"]["comment"]
-        ds = read_instances(data, "val")
+        ds = read_instances(data, "val").materialize()  # read once, iterated four times below
 
         def order(epoch, seed, rank=0):
             it = ds.iterator()
@@ -98,6 +98,27 @@ def test_formats_equal_and_epoch_order_seeded(tiny_prepared):
 
         e0, e0_again, e1, r1 = order(0, 3), order(0, 3), order(1, 3), order(0, 3, rank=1)
         assert e0 == e0_again and e0 != e1 and e0 != r1 and sorted(e0) == sorted(e1)
+
+
+def test_block_size_cuts_map_output_into_blocks(ray_local):
+    """With ``block_mb=1`` a map's 8 x 300 KiB output leaves in two blocks (a block is cut once it passes 1 MiB:
+    4 rows) instead of one; the rows are the same, and the process's default context is untouched."""
+    import ray
+
+    def fat_rows(batch: dict) -> dict:  # nested: Ray ships it by value (the test module is not importable there)
+        return {"id": batch["id"], "blob": np.repeat(batch["id"][:, None], 300 * 1024 // 8, axis=1)}
+
+    def build():
+        return ray.data.range(8, override_num_blocks=1).map_batches(fat_rows, batch_size=1)
+
+    default = ray.data.DataContext.get_current().target_max_block_size
+    plain, cut = build().materialize(), with_block_size(build(), 1).materialize()
+    assert ray.data.DataContext.get_current().target_max_block_size == default
+    assert with_block_size(build(), 0).context.target_max_block_size == default
+    assert plain.num_blocks() == 1
+    assert cut.num_blocks() == 2
+    rows = lambda ds: [(r["id"], int(r["blob"].sum())) for r in ds.take_all()]  # noqa: E731
+    assert rows(cut) == rows(plain) == [(i, i * 300 * 1024 // 8) for i in range(8)]
 
 
 @pytest.mark.ray
@@ -181,7 +202,7 @@ def test_train_split_mixes_users_in_every_batch(tiny_prepared, tmp_path):
     # val holds a few rows per user in (user, time) order: about 4 users per 16 rows on tiny, against ~15 in train
     assert users_per_batch("train") >= 14.0 > 3 * users_per_batch("val")
     with preserve_order():
-        ds = read_instances(data, "train", tasks=["video"])
+        ds = read_instances(data, "train", tasks=["video"]).materialize()  # read once, iterated three times
 
         def stream(epoch):
             # drop_last=False: the dropped partial batch holds other rows in another epoch

@@ -32,7 +32,7 @@ def test_each_draw_streams_the_same_rows_with_new_comdiv_draws(tiny_prepared):
     p1 = ["comdiv.video_sample_p=1", "comdiv.video_item_p=1", "comdiv.comment_sample_p=1", "comdiv.comment_record_p=1"]
     cfg = load_config(cfg_path, "align", [f"run_dir={run_dir}", "ingest.epoch_draws=2", *p1])
     with preserve_order():
-        rows = read_instances(Path(run_dir) / "data", "train", validate=False).limit(24)
+        rows = read_instances(Path(run_dir) / "data", "train", validate=False).limit(24).materialize()  # read once
         dss = build_align_datasets(cfg, rows)
         assert list(dss) == ["train", "train_draw1"]
         single = build_align_datasets(load_config(cfg_path, "align", [f"run_dir={run_dir}", *p1]), rows)
