@@ -1,9 +1,10 @@
 """A local job (no ``RAY_ADDRESS``) always starts and uses its own loopback cluster (``jobs/_cli.py: init_ray``).
 
-Two tiny alignment jobs start at the same moment on one machine, in a Ray temp folder holding a stale
-``ray_current_cluster`` (what a stopped ``ray start`` head leaves): before, every local job then failed with "When
-connecting to an existing cluster, object_store_memory must not be provided", and two jobs at once made Ray Train's
-actors look for "the" cluster among all GCS processes ("Found multiple active Ray instances").
+Two tiny fine-tune jobs (one epoch of the comment task: Ray Data + Ray Train, the cheapest job that has both) start
+at the same moment on one machine, in a Ray temp folder holding a stale ``ray_current_cluster`` (what a stopped
+``ray start`` head leaves): before, every local job then failed with "When connecting to an existing cluster,
+object_store_memory must not be provided", and two jobs at once made Ray Train's actors look for "the" cluster among
+all GCS processes ("Found multiple active Ray instances"). Every job starts Ray through the same ``init_ray``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(900)
 def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_path):
-    data, _, _ = tiny_encoded  # data + the base store (alignment standardises text vectors by its statistics)
+    data, _, _ = tiny_encoded  # data + the base store (init=scratch fine-tunes on it)
     ray_tmp = tmp_path / "raytmp"  # RAY_TMPDIR: Ray's default temp folder becomes ray_tmp/ray
     (ray_tmp / "ray").mkdir(parents=True)
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # head long gone
@@ -46,9 +47,8 @@ def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_p
         (run / "embeddings").mkdir()
         (run / "embeddings" / "base").symlink_to(Path(data) / "embeddings" / "base")
         runs.append(run)
-        cmd = [sys.executable, "jobs/align.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run}", "max_steps=2",
-               "scaling.num_workers=1", "global_batch=4", "deepspeed.micro_batch=4", "checkpoint.every_steps=2",
-               "ingest.shuffle_window=16", "ingest.block_mb=1"]  # first step after 16 rows, not the whole split
+        cmd = [sys.executable, "jobs/finetune.py", "--config", "jobs/configs/tiny.yaml", f"run_dir={run}",
+               "init=scratch", "tasks=[comment]", "max_epochs=1", "scaling.num_workers=1"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
                                       stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT))
     try:
@@ -64,13 +64,14 @@ def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_p
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
         assert "Found multiple active Ray instances" not in log, log[-4000:]
-    losses = []
+    curves = []
     for run, log in zip(runs, logs):
-        lines = [json.loads(x) for x in (run / "align" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        assert [d["step"] for d in lines] == [1, 2]
-        losses.append([d["loss"] for d in lines])
-        assert (run / "align" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+        out = run / "finetune" / "comment"
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        assert [d["epoch"] for d in lines] == [0, 1] and lines[1]["steps"] > 0
+        curves.append((lines[1]["loss"], lines[0]["val"]["ndcg@10"], lines[1]["val"]["ndcg@10"]))
+        assert (out / "best" / "COMPLETE").is_file()
         summary = json.loads([x for x in log.splitlines() if x.startswith('{"run_dir"')][-1])
-        assert summary["run_dir"] == str(run) and summary["steps"] == 2
-    # same data, seed and world: the two runs, each on its own cluster, computed the same losses
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+        assert summary["run_dir"] == str(run) and set(summary["finetune"]) == {"comment"}
+    # same data, seed and world: the two runs, each on its own cluster, trained and validated the same
+    assert curves[0] == pytest.approx(curves[1], abs=1e-6)
