@@ -248,6 +248,43 @@ def find_latest_complete(align_dir: str | Path) -> Path | None:
     return None
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the checkpoints it registered, in the run folder (``align/checkpoints/``)."""
+
+
+def retire_stale_snapshot(run_folder: str | Path) -> tuple[Path, list[str]] | None:
+    """Move Ray Train's checkpoint record aside when it names checkpoint folders that are gone.
+
+    Ray's controller refuses to start on such a record (``ActorDiedError`` from ``_assert_checkpoints_exist``), so a
+    run whose newest checkpoint was deleted could not be resubmitted. The resume point is this project's own pick
+    (``find_latest_complete``), so Ray's record is not needed to resume: it is renamed to
+    ``checkpoint_manager_snapshot.json.stale-N`` (kept, not deleted) and Ray starts a new one.
+
+    Args:
+        run_folder: the Ray run folder (``run_dir/align/checkpoints``).
+
+    Returns:
+        ``(new path of the record, [missing folder names])``, or None when nothing is missing, there is no record,
+        or the record is not in the form this reads (Ray then reports it itself).
+    """
+    snap = Path(run_folder) / RAY_SNAPSHOT
+    if not snap.is_file():
+        return None
+    try:
+        names = [r["checkpoint_dir_name"] for r in json.loads(snap.read_text())["checkpoint_results"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+    missing = [n for n in names if not (snap.parent / n).is_dir()]
+    if not missing:
+        return None
+    n = 1
+    while snap.with_name(f"{RAY_SNAPSHOT}.stale-{n}").exists():
+        n += 1
+    dest = snap.with_name(f"{RAY_SNAPSHOT}.stale-{n}")
+    snap.rename(dest)
+    return dest, missing
+
+
 def pick_resume(candidates: list[str | Path]) -> str | None:
     """The intact candidate with the highest step (e.g. Ray's latest checkpoint and the driver's pick); a damaged
     one is skipped with a warning naming the bad file. None when no candidate is intact."""

@@ -9,6 +9,7 @@ must fall, every LoRA and SR tensor must move and the frozen base must not. Drop
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,15 @@ def _check_moved(cfg, run_dir):
 def test_one_worker_equals_two_and_resume_by_new_submission(tiny_encoded, tmp_path):
     """First-step loss: 1 worker x 8 rows == 2 workers x 4 rows (the dataset holds just those 8 rows, so both runs
     see them; the loss is invariant to their order: pool 8 both times, LM loss token-weighted). Then a 2-worker
-    ZeRO-2 run of 6 steps vs one stopped at 3 and resubmitted to 6: identical losses at steps 4-6."""
+    ZeRO-2 run of 6 steps loses its step-6 checkpoint and export (deleted, as after a disk problem) and is
+    submitted again: the new submission moves Ray's record of the deleted checkpoint aside, resumes from step 3 and
+    recomputes steps 4-6 with the losses the first run logged for them."""
     data, cfg_path, _ = tiny_encoded
     one = _cfg(data, cfg_path, tmp_path / "one", "scaling.num_workers=1", "deepspeed.micro_batch=8", "max_steps=1",
                *EXACT)
     assert run_align(one, _rows(one.run_dir, 8)).error is None
     two = _cfg(data, cfg_path, tmp_path / "two", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=6",
-               "checkpoint.every_steps=100", *EXACT, *CONSTANT_LR)
+               "checkpoint.every_steps=3", *EXACT, *CONSTANT_LR)
     assert run_align(two, _rows(two.run_dir, 8)).error is None
     m1, m2 = _lines(tmp_path / "one"), _lines(tmp_path / "two")
     assert m1[1]["pool_size"] == 8 and m2[1]["pool_size"] == 8 and m2[1]["world_size"] == 2
@@ -109,19 +112,19 @@ def test_one_worker_equals_two_and_resume_by_new_submission(tiny_encoded, tmp_pa
     assert sorted(m2) == list(range(1, 7)) and m2[6]["epoch"] == 5
     assert m2[5]["loss"] + m2[6]["loss"] < m2[1]["loss"] + m2[2]["loss"]
     _check_moved(two, tmp_path / "two")
-    # stop after 3 steps, then a NEW fit on the same run_dir resumes from the latest complete checkpoint
-    part = _cfg(data, cfg_path, tmp_path / "part", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=3",
-                "checkpoint.every_steps=100", *EXACT, *CONSTANT_LR)
-    assert run_align(part, _rows(part.run_dir, 8)).error is None
-    ckpt = find_latest_complete(tmp_path / "part" / "align")
-    assert ckpt is not None and ckpt.name == "step_00000003"
-    rest = _cfg(data, cfg_path, tmp_path / "part", "scaling.num_workers=2", "deepspeed.micro_batch=4", "max_steps=6",
-                "checkpoint.every_steps=100", *EXACT, *CONSTANT_LR)
-    assert run_align(rest, _rows(rest.run_dir, 8)).error is None
-    mp = _lines(tmp_path / "part")
-    assert sorted(mp) == list(range(1, 7))
-    for s in range(1, 7):
-        assert mp[s]["loss"] == pytest.approx(m2[s]["loss"], abs=1e-5), s
+    align = tmp_path / "two" / "align"
+    shutil.rmtree(align / "checkpoints" / "step_00000006")
+    shutil.rmtree(align / "final")
+    assert find_latest_complete(align).name == "step_00000003"
+    said = []
+    assert run_align(two, _rows(two.run_dir, 8), log=said.append).error is None  # a NEW fit on the same run_dir
+    assert any("names step_00000006, which no longer exist" in x for x in said), said
+    assert (align / "checkpoints" / "checkpoint_manager_snapshot.json.stale-1").is_file()
+    again, replaced = _lines(tmp_path / "two"), _lines(tmp_path / "two", "metrics.replaced.jsonl")
+    assert sorted(again) == list(range(1, 7)) and sorted(replaced) == [4, 5, 6]
+    for s in range(4, 7):  # recomputed from the step-3 checkpoint: the same curve
+        assert again[s]["loss"] == pytest.approx(m2[s]["loss"], abs=1e-5), s
+    assert (align / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.timeout(1200)

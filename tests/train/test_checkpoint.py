@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _align_fakes import NV, fake_batch, text_encoder  # noqa: E402
 
 from lsvcr_dist.train.checkpoint import (  # noqa: E402
-    COMPLETE, EXPORT_FILES, CheckpointError, find_latest_complete, is_complete, read_state)
+    COMPLETE, EXPORT_FILES, RAY_SNAPSHOT, CheckpointError, find_latest_complete, is_complete, read_state,
+    retire_stale_snapshot)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,6 +161,27 @@ def test_latest_complete_picks_highest_step_and_skips_unmarked(tmp_path):
     make("step_00000030", 30, complete=False)  # crashed before the marker: never resumed from
     assert find_latest_complete(tmp_path) == best
     assert find_latest_complete(tmp_path / "nothing") is None
+
+
+def test_ray_record_naming_a_deleted_checkpoint_is_moved_aside(tmp_path):
+    """Ray's record names step 3 and step 6; step 6 was deleted: the record is renamed (kept), a second stale one
+    gets the next free name, and a record whose folders all exist or that is not Ray's form is left alone."""
+    run = tmp_path / "checkpoints"
+    (run / "step_00000003").mkdir(parents=True)
+    record = {"checkpoint_results": [{"checkpoint_dir_name": "step_00000003"},
+                                     {"checkpoint_dir_name": "step_00000006"}], "other": 1}
+    (run / RAY_SNAPSHOT).write_text(json.dumps(record))
+    dest, missing = retire_stale_snapshot(run)
+    assert missing == ["step_00000006"] and dest == run / f"{RAY_SNAPSHOT}.stale-1"
+    assert json.loads(dest.read_text()) == record and not (run / RAY_SNAPSHOT).exists()
+    (run / RAY_SNAPSHOT).write_text(json.dumps(record))
+    assert retire_stale_snapshot(run)[0] == run / f"{RAY_SNAPSHOT}.stale-2"
+    (run / "step_00000006").mkdir()
+    (run / RAY_SNAPSHOT).write_text(json.dumps(record))
+    assert retire_stale_snapshot(run) is None and (run / RAY_SNAPSHOT).is_file()
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"ray_version": "9"}))  # a form this does not read: Ray's to judge
+    assert retire_stale_snapshot(run) is None and (run / RAY_SNAPSHOT).is_file()
+    assert retire_stale_snapshot(tmp_path / "nothing") is None
 
 
 def _ckpt(root: Path, step: int) -> Path:
