@@ -218,11 +218,13 @@ def run_align(cfg: AlignStageConfig, instances: Dataset | None = None, fault_inj
     """
     validate_prepared(cfg)
     ds = build_align_datasets(cfg, instances)
-    resume = find_latest_complete(Path(cfg.run_dir) / "align") if cfg.checkpoint.resume else None
-    stale = retire_stale_snapshot(Path(cfg.run_dir) / "align" / RUN_NAME) if cfg.checkpoint.resume else None
-    if stale:
-        log(f"align: Ray's checkpoint record names {', '.join(stale[1])}, which no longer exist: moved it to "
-            f"{stale[0]}")
+    resume = None
+    if cfg.checkpoint.resume:
+        resume = find_latest_complete(Path(cfg.run_dir) / "align")
+        stale = retire_stale_snapshot(Path(cfg.run_dir) / "align" / RUN_NAME)
+        if stale:
+            log(f"align: Ray's checkpoint record names {', '.join(stale[1])}, which no longer exist: moved it to "
+                f"{stale[0]}")
     if resume:
         log(f"align: resuming from {resume}")
     return build_trainer(cfg, ds, str(resume) if resume else None, fault_inject).fit()
