@@ -136,7 +136,9 @@ def test_ray_job_submit_align_token_auth_two_cpus(tiny_encoded, tmp_path):
     home.mkdir()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "HOME": str(home), "RAY_AUTH_MODE": "token"}  # README: export RAY_AUTH_MODE=token
+           "HOME": str(home), "RAY_AUTH_MODE": "token",  # README: export RAY_AUTH_MODE=token
+           # SIGTERM stops the head at once: the default 30 s drain is for Ray Serve replicas, and none run here
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     readme = _readme_commands()

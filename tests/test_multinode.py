@@ -61,7 +61,10 @@ class _Cluster:
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # head and drivers: 127.0.0.1 stays 127.0.0.1
                     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                     # a dead node is declared dead in ~3 s instead of ~15 s
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                    # SIGTERM stops a node at once: the default 30 s drain lets Ray Serve move replicas away, and
+                    # nothing here runs Serve (the drain ran out its 30 s at every stop)
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             self.env.pop(k, None)
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env, check=True,
