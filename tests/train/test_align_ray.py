@@ -59,9 +59,15 @@ def _rows(run_dir, n):
         return parts[0].union(parts[1]).materialize()
 
 
-def _lines(run_dir, name="metrics.jsonl"):
+def _records(run_dir, name="metrics.jsonl"):
+    """The lines of ``align/<name>`` in file order (``metrics.replaced.jsonl``: in the order restarts moved them)."""
     p = Path(run_dir) / "align" / name
-    return {d["step"]: d for d in (json.loads(x) for x in p.read_text().splitlines() if x.strip())}
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def _lines(run_dir):
+    """``metrics.jsonl`` by step."""
+    return {d["step"]: d for d in _records(run_dir)}
 
 
 def _initial_trainables(cfg, run_dir):
@@ -118,7 +124,7 @@ def test_one_worker_equals_two_fault_restart_and_resume_by_new_submission(tiny_e
     assert m2[5]["loss"] + m2[6]["loss"] < m2[1]["loss"] + m2[2]["loss"]
     # rank 0 of the failed attempt logged step 5 (rank 1 raised after its update) past the step-4 checkpoint; the
     # retry recomputed it from that checkpoint: same rows, same draws, same loss
-    failed = _replaced(align)
+    failed = _records(tmp_path / "two", "metrics.replaced.jsonl")
     assert [d["step"] for d in failed] == [5] and failed[0]["loss"] == pytest.approx(m2[5]["loss"], abs=1e-5)
     _check_moved(two, tmp_path / "two")
     _check_zero3_files(align, step=6, epoch=5, max_steps=6)
@@ -129,18 +135,13 @@ def test_one_worker_equals_two_fault_restart_and_resume_by_new_submission(tiny_e
     assert run_align(two, _rows(two.run_dir, 8), log=said.append).error is None  # a NEW fit on the same run_dir
     assert any("names step_00000006, which no longer exist" in x for x in said), said
     assert (align / "checkpoints" / "checkpoint_manager_snapshot.json.stale-1").is_file()
-    again, replaced = _lines(tmp_path / "two"), _replaced(align)
+    again, replaced = _lines(tmp_path / "two"), _records(tmp_path / "two", "metrics.replaced.jsonl")
+    # after the fault's step 5: the first run's steps 5-6, moved aside by the new submission
     assert sorted(again) == list(range(1, 7)) and [d["step"] for d in replaced] == [5, 5, 6]
-    for s in (5, 6):  # recomputed from the step-4 checkpoint: the same curve
+    for s, moved in zip((5, 6), replaced[1:]):  # recomputed from the step-4 checkpoint: the same curve
         assert again[s]["loss"] == pytest.approx(m2[s]["loss"], abs=1e-5), s
-        assert replaced[-1 if s == 6 else 1]["loss"] == pytest.approx(m2[s]["loss"], abs=1e-5), s
+        assert moved["loss"] == pytest.approx(m2[s]["loss"], abs=1e-5), s
     assert (align / "final" / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def _replaced(align):
-    """The lines of ``metrics.replaced.jsonl`` in the order the restarts moved them there."""
-    p = align / "metrics.replaced.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
 
 
 def _check_zero3_files(align, step, epoch, max_steps):
