@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -82,16 +83,27 @@ def _score_pass(model: torch.nn.Module, data_dir, split: str, task: str, ks, bat
     """One pass over the split: accumulated metrics of every row, the full ranking and the two 4.4.2 subsets;
     ``prog`` counts a step per batch and its rows."""
     acc = {name: MetricAccumulator(ks) for name in ("metrics", "full", "unseen_videos", "unseen_users")}
+    full = full_ranking and task == "video"
+    with model.videos_fixed() if full and hasattr(model, "videos_fixed") else nullcontext():
+        _score_batches(model, iter_split(data_dir, split, task, batch_size, limit=limit), acc, ks, full, subsets,
+                       prog)
+    if prog is not None:
+        prog.done()
+    return {k: a.result() for k, a in acc.items()}
+
+
+def _score_batches(model, batches, acc: dict, ks, full: bool, subsets: bool, prog: Progress | None) -> None:
+    """Accumulate every batch's per-row metrics into ``acc`` (``_score_pass``'s loop)."""
     rows_done = 0
-    for batch in iter_split(data_dir, split, task, batch_size, limit=limit):
-        scores, pos, mask = model.eval_scores(batch)
+    for batch in batches:
+        s = model(batch)  # [B, d]: one SR forward serves the candidates and the full ranking
+        scores, pos, mask = model.eval_scores(batch, s)
         rows = per_row_metrics(scores, pos, mask, ks, row_offset=rows_done)
         acc["metrics"].update(rows)
         if subsets:
             acc["unseen_videos"].update(rows, batch["target_seen"] == 0)
             acc["unseen_users"].update(rows, batch["user_seen"] == 0)
-        if full_ranking and task == "video":
-            s = model(batch)
+        if full:
             all_scores = model.video_scores(s)  # [B, V + 1], column 0 masked
             pos_all = torch.zeros_like(all_scores, dtype=torch.bool)
             pos_all[torch.arange(len(s)), batch["target_video"]] = True
@@ -101,9 +113,6 @@ def _score_pass(model: torch.nn.Module, data_dir, split: str, task: str, ks, bat
         rows_done += scores.shape[0]
         if prog is not None:
             prog.update(1, scores.shape[0])
-    if prog is not None:
-        prog.done()
-    return {k: a.result() for k, a in acc.items()}
 
 
 @torch.no_grad()

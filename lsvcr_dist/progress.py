@@ -8,13 +8,28 @@ at most ``every_s`` plus one step.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def emit(line: str) -> None:
     """Print and flush: a Ray worker's stdout is a file, block-buffered, so an unflushed line can sit for minutes."""
     print(line, flush=True)
+
+
+def print_lines_once() -> None:
+    """Make every ``print`` of a Ray Train worker reach the job's log once, not twice.
+
+    Ray Train 2.60 replaces a worker's ``print`` with one that logs the line through Train's logger and, because a
+    Ray worker's ``sys.stdout`` is a wrapper rather than ``sys.__stdout__``, also prints it: each progress and metric
+    line showed up twice in the driver's output. Setting ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` in the driver (Ray Train
+    forwards it to the workers it starts) leaves workers' plain ``print``, which Ray forwards once. A value the user
+    set is kept. Call before the trainer is built.
+    """
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
 
 
 def format_eta(seconds: float) -> str:

@@ -114,6 +114,39 @@ def test_evaluation_prints_progress_per_pass_with_rows_and_eta(run):
         and len(silent) >= 2 and all(s.startswith("x (test") for s in silent)  # progress changes no number
 
 
+def test_full_ranking_encodes_the_videos_once_per_pass_and_ranks_as_scoring_each_batch_alone(run):
+    """One SR forward per batch and one all-videos table per pass (``FinetuneModel.videos_fixed``), with the same
+    full-ranking metrics as re-scoring every batch on its own; the table is dropped after the block."""
+    from lsvcr_dist.metrics import per_row_metrics
+
+    model, _ = _with_ids_and_text_twin(run, "video")
+    tables, forwards = [], []
+    encode = model.sr.encode_videos
+    model.sr.encode_videos = lambda text, ids: tables.append(len(ids)) or encode(text, ids)
+    model.sr.register_forward_hook(lambda *_: forwards.append(1))
+    res = evaluate_model(model, run / "data", "test", "video", batch_size=5, full_ranking=True, subsets=False)
+    assert tables.count(F.V + 1) == 1 and len(forwards) == 3  # 12 test rows in batches of 5, 5, 2
+    ref = MetricAccumulator((5, 10))
+    with torch.no_grad():
+        for batch in iter_split(run / "data", "test", "video", 5):
+            scores = model.video_scores(model(batch))  # [B, V + 1], the table encoded for this batch alone
+            pos = torch.zeros_like(scores, dtype=torch.bool)
+            pos[torch.arange(len(scores)), batch["target_video"]] = True
+            cand = torch.ones_like(pos)
+            cand[:, 0] = False
+            ref.update(per_row_metrics(scores, pos, cand, (5, 10)))
+    assert res["full"] == ref.result() and res["full"]["n"] == 12
+    with torch.no_grad():
+        with model.videos_fixed():
+            held = model.all_videos()
+            assert model.all_videos() is held
+        model.sr.gate.add_(1.0)
+        assert not torch.allclose(model.all_videos(), held)  # outside the block: encoded from the current weights
+    with pytest.raises(RuntimeError, match="gradients are on"):
+        with model.videos_fixed():
+            pass
+
+
 # ------------------------------------------------------------------------------------------ popularity
 def test_popularity_counts_and_pessimistic_ties():
     b1 = {"target_video": torch.tensor([3, 3, 1, 0])}

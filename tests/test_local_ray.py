@@ -36,9 +36,11 @@ def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_p
     ray_tmp = tmp_path / "raytmp"  # RAY_TMPDIR: Ray's default temp folder becomes ray_tmp/ray
     (ray_tmp / "ray").mkdir(parents=True)
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # head long gone
+    # RAY_DEDUP_LOGS=0: the log holds every line a worker printed, so a line printed twice shows as two
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "LSVCR_OBJECT_STORE_BYTES": "200000000"}
+           "LSVCR_OBJECT_STORE_BYTES": "200000000", "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)  # an in-process Ray test may have set it: the job sets its own
     procs, runs = [], []
     for name in ("a", "b"):
         run = tmp_path / name
@@ -64,6 +66,8 @@ def test_two_local_jobs_at_once_despite_a_stale_cluster_file(tiny_encoded, tmp_p
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
         assert "Found multiple active Ray instances" not in log, log[-4000:]
+        done = [x for x in log.splitlines() if "finetune comment epoch 1: step" in x and "done in" in x]
+        assert len(done) == 1, done  # one line per print (Ray Train's print patch doubled it: print_lines_once)
     curves = []
     for run, log in zip(runs, logs):
         out = run / "finetune" / "comment"

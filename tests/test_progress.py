@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lsvcr_dist.progress import Progress, format_eta
+from lsvcr_dist.progress import PRINT_PATCH_ENV, Progress, format_eta, print_lines_once
 
 
 class Clock:
@@ -37,3 +37,16 @@ def test_eta_from_samples_when_steps_are_unknown():
     p.update(1, 250)
     assert lines == ["encode base: step 1, 250/1000 texts, 25.0 texts/s, ETA 0:00:30"]
     assert format_eta(3725) == "1:02:05" and format_eta(float("nan")) == "?"
+
+
+def test_print_lines_once_turns_ray_trains_print_patch_off_unless_the_user_set_it(monkeypatch):
+    """The driver's value is what Ray Train forwards to its workers; ``tests/test_local_ray.py`` checks a job's log."""
+    monkeypatch.setenv(PRINT_PATCH_ENV, "")  # records the value to restore, then unset it
+    monkeypatch.delenv(PRINT_PATCH_ENV)
+    print_lines_once()
+    import os
+
+    assert os.environ[PRINT_PATCH_ENV] == "0"
+    monkeypatch.setenv(PRINT_PATCH_ENV, "1")
+    print_lines_once()
+    assert os.environ[PRINT_PATCH_ENV] == "1"

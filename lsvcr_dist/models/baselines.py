@@ -156,8 +156,10 @@ class Popularity(nn.Module):
         out[:, 0] = NEG_INF
         return out
 
-    def eval_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(scores [B, N], positives [B, N], candidate mask [B, N])`` of the 4.1.3 candidates."""
+    def eval_scores(self, batch: dict[str, torch.Tensor], s: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores [B, N], positives [B, N], candidate mask [B, N])`` of the 4.1.3 candidates (``s`` unused: the
+        same interface as ``FinetuneModel.eval_scores``)."""
         if self.task == "video":
             cand = batch["cand_videos"]
             return self.counts[cand].masked_fill(cand == 0, NEG_INF), cand == batch["target_video"][:, None], cand > 0

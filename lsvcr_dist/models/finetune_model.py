@@ -79,6 +79,7 @@ class FinetuneModel(nn.Module):
         self.task = task
         self.task_id = TASK_VIDEO if task == "video" else TASK_COMMENT
         self.tau = float(tau)
+        self._videos: torch.Tensor | None = None  # all_videos() held by videos_fixed()
 
     # ------------------------------------------------------------------ inputs
     def _comment_text(self, comment_ids: torch.Tensor) -> torch.Tensor:
@@ -128,9 +129,28 @@ class FinetuneModel(nn.Module):
 
     def all_videos(self) -> torch.Tensor:
         """Encodings of every video id ``[V + 1, d]`` (row 0 = padding, masked in scoring): adapter(title) + gate*E_id."""
+        if self._videos is not None:
+            return self._videos
         device = next(self.sr.parameters()).device
         ids = torch.arange(self.num_videos + 1, device=device)
         return self.sr.encode_videos(self.text.videos(device), ids)
+
+    @contextmanager
+    def videos_fixed(self) -> Iterator[None]:
+        """Inside the block ``all_videos()`` is computed once and reused.
+
+        A full ranking otherwise re-encodes every video for every batch: at paper scale that is 100,773 title
+        lookups from the store and adapter passes per 256 test rows. For evaluation only: weights fixed and no
+        gradients (refused with gradients on, where a reused table would cut the graph); entered after any change
+        of the scoring path (``ids_discarded``), which the table then reflects.
+        """
+        if torch.is_grad_enabled():
+            raise RuntimeError("videos_fixed() is for scoring under torch.no_grad(): gradients are on")
+        self._videos = self.all_videos()
+        try:
+            yield
+        finally:
+            self._videos = None
 
     def video_scores(self, s: torch.Tensor, cand: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine/tau scores of videos: all videos ``[B, V + 1]`` (column 0 = -inf) or candidates ``cand [B, N]``."""
@@ -149,9 +169,11 @@ class FinetuneModel(nn.Module):
         out = torch.einsum("bd,bnd->bn", F.normalize(s, dim=-1), enc) / self.tau
         return out.masked_fill(cand == 0, NEG_INF)
 
-    def eval_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores of the 4.1.3 candidates: ``(scores [B, N], positives [B, N], candidate mask [B, N])``."""
-        s = self(batch)
+    def eval_scores(self, batch: dict[str, torch.Tensor], s: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores of the 4.1.3 candidates: ``(scores [B, N], positives [B, N], candidate mask [B, N])``; ``s`` =
+        ``self(batch)`` when the caller has it already (a full ranking needs it too), else computed here."""
+        s = self(batch) if s is None else s
         if self.task == "video":
             cand = batch["cand_videos"]
             return self.video_scores(s, cand), cand == batch["target_video"][:, None], cand > 0

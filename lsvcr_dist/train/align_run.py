@@ -130,8 +130,10 @@ def align_trainer(cfg: AlignStageConfig, loop: Callable[[dict], None], loop_conf
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lsvcr_dist.data.ingest import ingest_data_config
+    from lsvcr_dist.progress import print_lines_once
 
     sc = cfg.scaling
+    print_lines_once()
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,

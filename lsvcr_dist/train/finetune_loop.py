@@ -29,7 +29,7 @@ from lsvcr_dist.data.manifest import dims_of, manifest_path, read_manifest
 from lsvcr_dist.evaluate import evaluate_model
 from lsvcr_dist.finetuned import build_finetune_model, load_text_table, save_best, store_dir
 from lsvcr_dist.losses import CommentRankLoss, FinetuneLoss, VRTLoss
-from lsvcr_dist.progress import Progress, emit
+from lsvcr_dist.progress import Progress, emit, print_lines_once
 from lsvcr_dist.train.distributed import all_reduce_mean, all_true, broadcast_flag, rank, world_size
 from lsvcr_dist.train.engine import make_adamw
 
@@ -311,6 +311,7 @@ def fit_task(cfg: FinetuneStageConfig, task: str) -> dict:
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     datasets = {"train": build_train_dataset(cfg, task)}
+    print_lines_once()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "task": task},
