@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from lsvcr_dist.progress import PRINT_PATCH_ENV, Progress, format_eta, print_lines_once
 
 
@@ -44,8 +46,6 @@ def test_print_lines_once_turns_ray_trains_print_patch_off_unless_the_user_set_i
     monkeypatch.setenv(PRINT_PATCH_ENV, "")  # records the value to restore, then unset it
     monkeypatch.delenv(PRINT_PATCH_ENV)
     print_lines_once()
-    import os
-
     assert os.environ[PRINT_PATCH_ENV] == "0"
     monkeypatch.setenv(PRINT_PATCH_ENV, "1")
     print_lines_once()
