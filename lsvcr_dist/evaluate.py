@@ -154,7 +154,7 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, split: str, tas
     res = _score_pass(model, data_dir, split, task, ks, batch_size, full_ranking, subsets, limit,
                       prog(f"{progress} ({split}{', all videos ranked' if full else ''})"))
     out = {"metrics": res["metrics"]}
-    if full_ranking and task == "video":
+    if full:
         out["full"] = res["full"]
     if subsets:
         out["subsets"] = {"unseen_videos": res["unseen_videos"], "unseen_users": res["unseen_users"]}
